@@ -1,0 +1,466 @@
+"""Configuration: one TOML file, validated all at once.
+
+Theory of operation
+-------------------
+``load_config(path)`` reads the file with :mod:`tomllib`, merges every ``[providers.X]`` table
+over its built-in preset (``gateway.oauth.providers.PRESETS``, chosen by ``preset = "..."`` or by
+the table's own name), validates the result with pydantic and then runs the cross-checks pydantic
+cannot express (a user naming an unknown provider, two listeners on one address, ...).
+
+Every problem found is collected and raised together as one :class:`ConfigError` whose lines read
+``key.path: what is wrong (what would be valid)``: an admin fixes a config in one pass, and never
+sees a traceback. Relative paths are resolved against the directory of the config file, so the
+same file works whatever the current directory of the service is.
+
+The models are frozen: a running gateway never mutates its configuration; SIGHUP builds a new
+``Config`` and swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "mailgate.toml"
+
+
+def parse_hostport(value: str, *, what: str = "address") -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 as ``[::1]:993``) and check the port."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a string like '127.0.0.1:993' or '[::1]:993'")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r} is not host:port (IPv6 is written as '[::1]:993')")
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{value!r} is not host:port (IPv6 is written as '[::1]:993')")
+    if not host:
+        raise ValueError(f"{value!r} has no host (use 0.0.0.0 for every address)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Section):
+    state_dir: Path = Path("state")
+    hostname: str = "localhost"
+
+
+class TLSSection(_Section):
+    cert_file: Path = Path("certs/mailgate.pem")
+    key_file: Path = Path("certs/mailgate.key")
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class LoggingSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class ListenerConfig(_Section):
+    protocol: Literal["imap", "pop3"]
+    bind: str
+    tls: Literal["implicit", "starttls", "none"]
+    plaintext_auth_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        parse_hostport(v, what="bind")
+        return v
+
+    @field_validator("plaintext_auth_from", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            out = []
+            for item in v:
+                try:
+                    out.append(ipaddress.ip_network(item, strict=False))
+                except (ValueError, TypeError):
+                    raise ValueError(
+                        f"{item!r} is not a network (write '192.168.10.0/24' or '10.0.0.5')"
+                    ) from None
+            return out
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.bind)[1]
+
+    @property
+    def name(self) -> str:
+        return f"{self.protocol}/{self.tls}@{self.bind}"
+
+
+class AdminSection(_Section):
+    bind: str = "127.0.0.1:8025"
+    enabled: bool = True
+    # Required when bind is not a loopback address (see docs/security.md).
+    token: SecretStr | None = None
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        parse_hostport(v, what="bind")
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.bind)[1]
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "AdminSection":
+        if self.enabled and self.token is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"the admin port is bound to {self.bind}, which is not loopback: set admin.token "
+                "(a long random string) or bind it to 127.0.0.1"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+Flow = Literal["authorization_code", "device", "client_credentials", "service_account"]
+
+
+class ProviderConfig(_Section):
+    """One upstream: where its IMAP server is and how to get tokens for it."""
+
+    name: str
+    preset: str | None = None
+    kind: str = "generic"
+    imap: str
+    imap_tls: Literal["implicit", "starttls"] = "implicit"
+    ca_file: Path | None = None
+    sasl: Literal["xoauth2", "oauthbearer"] = "xoauth2"
+    flow: Flow = "authorization_code"
+    authorize_url: str | None = None
+    token_url: str
+    device_url: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    tenant: str | None = None
+    # Google service accounts: the JSON key file; signed JWT assertions (RFC 7523).
+    service_account_key_file: Path | None = None
+    # Opt-in unattended mode: a daemon-held key file seals this provider's secrets instead of
+    # the user's local password (see docs/security.md for the trade-off).
+    key_file: Path | None = None
+    # Extra authorize-URL parameters (e.g. access_type=offline, prompt=consent for Google).
+    authorize_params: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("imap")
+    @classmethod
+    def _check_imap(cls, v: str) -> str:
+        parse_hostport(v, what="imap")
+        return v
+
+    @property
+    def imap_host(self) -> str:
+        return parse_hostport(self.imap)[0]
+
+    @property
+    def imap_port(self) -> int:
+        return parse_hostport(self.imap)[1]
+
+    @model_validator(mode="after")
+    def _flow_needs(self) -> "ProviderConfig":
+        problems = []
+        if self.flow == "authorization_code" and not self.authorize_url:
+            problems.append("flow 'authorization_code' needs authorize_url")
+        if self.flow == "device" and not self.device_url:
+            problems.append("flow 'device' needs device_url")
+        if self.flow == "service_account" and not self.service_account_key_file:
+            problems.append("flow 'service_account' needs service_account_key_file")
+        if self.flow != "service_account" and not self.client_id:
+            problems.append(f"flow {self.flow!r} needs client_id")
+        if self.flow == "client_credentials" and self.client_secret is None:
+            problems.append("flow 'client_credentials' needs client_secret")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class UserConfig(_Section):
+    name: str
+    provider: str
+    upstream_user: str
+    pop3_mailbox: str = "INBOX"
+    pop3_delete: Literal["expunge", "trash", "keep"] = "expunge"
+
+
+class Limits(_Section):
+    """Every limit and timeout mailgate applies; see docs/configuration.md for why each exists."""
+
+    # Timeouts (seconds).
+    login_timeout: float = Field(180, gt=0)  # idle time allowed before a client logs in
+    imap_idle_timeout: float = Field(1800, ge=1800)  # RFC 3501 §5.4: at least 30 minutes
+    pop3_idle_timeout: float = Field(600, ge=600)  # RFC 1939: at least 10 minutes
+    tls_handshake_timeout: float = Field(30, gt=0)
+    upstream_connect_timeout: float = Field(30, gt=0)
+    upstream_command_timeout: float = Field(120, gt=0)
+    token_request_timeout: float = Field(30, gt=0)
+    shutdown_grace: float = Field(30, ge=0)
+    # Sizes (bytes).
+    max_line_prelogin: int = Field(8192, ge=512)
+    max_line: int = Field(65536, ge=1024)
+    max_literal_prelogin: int = Field(8192, ge=512)
+    max_literal: int = Field(104_857_600, ge=1024)
+    # Abuse.
+    max_bad_commands_prelogin: int = Field(3, ge=1)
+    max_bad_commands: int = Field(20, ge=1)
+    auth_failure_delay: float = Field(2.0, ge=0)
+    max_connections: int = Field(1000, ge=1)
+    max_connections_per_ip: int = Field(100, ge=1)
+    kdf_concurrency: int = Field(2, ge=1)
+    # Upstream.
+    upstream_connections_per_account: int = Field(10, ge=1)
+    upstream_slot_wait: float = Field(30, ge=0)
+
+
+class Config(_Section):
+    path: Path | None = None
+    server: ServerSection = ServerSection()
+    tls: TLSSection = TLSSection()
+    logging: LoggingSection = LoggingSection()
+    listeners: list[ListenerConfig] = Field(default_factory=list, alias="listener")
+    admin: AdminSection = AdminSection()
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
+    limits: Limits = Limits()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def provider_for(self, user: UserConfig) -> ProviderConfig:
+        return self.providers[user.provider]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    try:
+        from .oauth.providers import PRESETS
+    except ImportError:  # pragma: no cover - only while the OAuth package is being built
+        return {}
+    return PRESETS
+
+
+def _merge_providers(raw: dict[str, Any], problems: list[str]) -> None:
+    presets = _presets()
+    providers = raw.get("providers")
+    if providers is None:
+        return
+    if not isinstance(providers, dict):
+        problems.append("providers: must be a table of [providers.NAME] tables")
+        raw.pop("providers")
+        return
+    for name, table in list(providers.items()):
+        if not isinstance(table, dict):
+            problems.append(f"providers.{name}: must be a table")
+            continue
+        preset_name = table.get("preset", name if name in presets else None)
+        base: dict[str, Any] = {}
+        if preset_name is not None:
+            if preset_name not in presets:
+                problems.append(
+                    f"providers.{name}.preset: unknown preset {preset_name!r} "
+                    f"(built in: {', '.join(sorted(presets)) or 'none'})"
+                )
+            else:
+                base = dict(presets[preset_name])
+                base["preset"] = preset_name
+        merged = {**base, **table, "name": name}
+        tenant = merged.get("tenant")
+        for key in ("authorize_url", "token_url", "device_url"):
+            url = merged.get(key)
+            if isinstance(url, str) and "{tenant}" in url:
+                merged[key] = url.replace("{tenant}", str(tenant or "organizations"))
+        providers[name] = merged
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def fix(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    providers = {
+        name: p.model_copy(
+            update={
+                "ca_file": fix(p.ca_file),
+                "service_account_key_file": fix(p.service_account_key_file),
+                "key_file": fix(p.key_file),
+            }
+        )
+        for name, p in cfg.providers.items()
+    }
+    return cfg.model_copy(
+        update={
+            "server": cfg.server.model_copy(update={"state_dir": fix(cfg.server.state_dir)}),
+            "tls": cfg.tls.model_copy(
+                update={"cert_file": fix(cfg.tls.cert_file), "key_file": fix(cfg.tls.key_file)}
+            ),
+            "providers": providers,
+        }
+    )
+
+
+def _format_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            # Listeners are written [[listener]] in TOML: show listener[1], counting from 1.
+            parts[-1:] = [f"{parts[-1]}[{item + 1}]"] if parts else [f"[{item + 1}]"]
+        elif item in ("function-after", "function-before") or str(item).startswith(
+            ("function-", "union[", "constrained-")
+        ):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = _format_loc(tuple(err["loc"]), raw)
+    msg = err["msg"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see mailgate.example.toml)"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    if isinstance(got, (str, int, float, bool)) and repr(got) not in msg:
+        return f"{loc}: {msg} (got {got!r})"
+    return f"{loc}: {msg}"
+
+
+def parse_config(raw: dict[str, Any], *, base_dir: Path, path: Path | None = None) -> Config:
+    """Validate an already-parsed TOML document. Raises ConfigError with every problem."""
+    raw = _deep_copy(raw)
+    problems: list[str] = []
+    _merge_providers(raw, problems)
+    users = raw.get("users")
+    if isinstance(users, dict):
+        for name, table in users.items():
+            if isinstance(table, dict):
+                table["name"] = name
+    problems.extend(_check_user_providers(raw))
+    try:
+        cfg = Config.model_validate({**raw, "path": path})
+    except ValidationError as exc:
+        problems.extend(_format_error(e, raw) for e in exc.errors())
+        raise ConfigError(_dedupe(problems)) from None
+    problems.extend(_cross_check(cfg))
+    if problems:
+        raise ConfigError(_dedupe(problems))
+    return _resolve_paths(cfg, base_dir)
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    problems = []
+    seen: dict[tuple[str, int], int] = {}
+    for i, lst in enumerate(cfg.listeners, 1):
+        key = (lst.host, lst.port)
+        if key in seen:
+            problems.append(
+                f"listener[{i}].bind: {lst.bind} is already used by listener[{seen[key]}]"
+            )
+        seen[key] = i
+        if lst.tls == "none" and not lst.plaintext_auth_from:
+            pass  # allowed: such a listener only lets in clients that cannot log in; warned at start
+    if cfg.admin.enabled and (cfg.admin.host, cfg.admin.port) in seen:
+        problems.append(f"admin.bind: {cfg.admin.bind} is also a listener's address")
+    return problems
+
+
+def _check_user_providers(raw: dict[str, Any]) -> list[str]:
+    """Users naming an undefined provider (checked on the raw document, so that this problem
+    is reported together with every other one)."""
+    providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
+    users = raw.get("users") if isinstance(raw.get("users"), dict) else {}
+    problems = []
+    for name, table in users.items():
+        provider = table.get("provider") if isinstance(table, dict) else None
+        if isinstance(provider, str) and provider not in providers:
+            defined = ", ".join(sorted(providers)) or "none defined"
+            problems.append(
+                f"users.{name}.provider: unknown provider {provider!r} "
+                f"(define [providers.{provider}]; defined: {defined})"
+            )
+    return problems
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the config file. Raises ConfigError (never a traceback for bad input)."""
+    path = Path(path).expanduser().absolute()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file (start from mailgate.example.toml, or pass --config PATH)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, base_dir=path.parent, path=path)
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
