@@ -1,0 +1,1 @@
+"""Sans-IO protocol cores: parsing and building wire messages, no I/O."""
