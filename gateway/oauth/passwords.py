@@ -1,0 +1,140 @@
+"""Local passwords: argon2 verifiers, the bounded KDF thread pool and the verified-credential cache.
+
+Theory of operation
+-------------------
+A legacy client sends its local password on every connection (a scanner polling POP3 every
+minute, a phone opening five IMAP connections at once). Checking it costs an argon2
+verification (~0.2 s of CPU) plus, for password-wrapped accounts, a scrypt derivation to unwrap
+the account's data key. Doing that on every connection would let a handful of devices saturate
+the machine, so:
+
+* :class:`KdfPool` runs every slow derivation in a worker thread, at most
+  ``limits.kdf_concurrency`` at once (others queue), so the trio loop never stalls and a flood of
+  logins cannot take every core. It counts derivations (``runs``) for metrics and tests.
+* :class:`CredentialCache` remembers credentials verified recently. Its key is an HMAC, under a
+  random per-process key, of (user, password, stored verifier): the password itself is never
+  kept, a changed password (new verifier) never matches an old entry, and the cache is bounded
+  (LRU) with a time limit per entry.
+
+argon2-cffi is used rather than cryptography's Argon2id, which was seen to hang when two threads
+derive at once (cryptography 50.0.x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
+
+import argon2
+import trio
+
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024  # bounds the work an attacker can ask the KDF to do
+CACHE_MAX_ENTRIES = 4096
+CACHE_TTL = 15 * 60.0  # seconds a verified credential is trusted without a new derivation
+
+# RFC 9106's "second recommended" low-memory profile (argon2-cffi's default): t=3, m=64 MiB, p=4.
+_HASHER = argon2.PasswordHasher()
+_DUMMY_HASH: str | None = None
+
+T = TypeVar("T")
+
+
+def check_password_policy(password: str) -> None:
+    """Raise ValueError with a user-facing reason when a new local password is not acceptable."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValueError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
+    if any(c in password for c in "\r\n\x00"):
+        raise ValueError("the password must not contain line breaks or NUL")
+
+
+def hash_password(password: str) -> str:
+    """A new argon2id verifier (PHC string). Slow: call it through a :class:`KdfPool`."""
+    return _HASHER.hash(password)
+
+
+def verify_password(verifier: str, password: str) -> bool:
+    """Whether ``password`` matches ``verifier``. Slow: call it through a :class:`KdfPool`."""
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return False
+    try:
+        return _HASHER.verify(verifier, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def burn_verification(password: str) -> bool:
+    """Spend the time of one verification for an unknown user, so that timing does not reveal
+    which user names exist. Always False."""
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+    verify_password(_DUMMY_HASH, password[:MAX_PASSWORD_LENGTH])
+    return False
+
+
+class KdfPool:
+    """Runs slow derivations off the trio thread, at most ``concurrency`` at a time."""
+
+    def __init__(self, concurrency: int):
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self.runs = 0
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        self.runs += 1
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+
+class CredentialCache:
+    """Bounded, expiring memory of recently verified (user, password) pairs."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = CACHE_MAX_ENTRIES,
+        ttl: float = CACHE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, float] = OrderedDict()
+        self._max_entries = max_entries
+        self._ttl = ttl
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _digest(self, user: str, password: str, verifier: str) -> bytes:
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (user, password, verifier):
+            data = part.encode("utf-8", "surrogatepass")
+            mac.update(len(data).to_bytes(8, "big") + data)
+        return mac.digest()
+
+    def check(self, user: str, password: str, verifier: str) -> bool:
+        digest = self._digest(user, password, verifier)
+        expires = self._entries.get(digest)
+        if expires is None:
+            return False
+        if expires <= self._clock():
+            del self._entries[digest]
+            return False
+        self._entries.move_to_end(digest)
+        return True
+
+    def remember(self, user: str, password: str, verifier: str) -> None:
+        digest = self._digest(user, password, verifier)
+        self._entries[digest] = self._clock() + self._ttl
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()

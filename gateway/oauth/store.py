@@ -1,0 +1,243 @@
+"""The state store: one SQLite file (stdlib ``sqlite3``) in ``server.state_dir``.
+
+Theory of operation
+-------------------
+The store holds, per account: the local password verifier (an argon2 PHC string), the account's
+data key *wrapped* (see :mod:`gateway.oauth.sealing`), the sealed upstream secrets, and a small
+status row that ``mailgate check`` reads ("needs re-authorization", with the fixing command).
+No secret is ever stored in clear.
+
+* Atomic: every write is one SQLite transaction (rollback journal, ``synchronous=FULL``):
+  after a crash the file holds either the old or the new state, never a mix. A rotated refresh
+  token is committed before the caller uses the access token that came with it.
+* Private: the directory is created 0700 and the database 0600 before SQLite first opens it
+  (SQLite gives its journal the database's mode).
+* Read-only by default: lookups open the file read-only (``mode=ro``), so a failed login can
+  never change a byte of it.
+* Blocking: methods do file I/O; async callers run them with ``trio.to_thread.run_sync``. Each
+  call opens its own connection, so calls from several threads need no locking here; SQLite's
+  own locking serialises writers (``BUSY_TIMEOUT`` bounds the wait).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+STATE_DB_NAME = "mailgate.sqlite3"
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for another writer
+SCHEMA_VERSION = 1
+
+REFRESH_TOKEN = "refresh_token"
+
+KeyWrapping = Literal["password", "keyfile"]
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS accounts (
+    name          TEXT PRIMARY KEY,
+    provider      TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    key_wrapping  TEXT NOT NULL CHECK (key_wrapping IN ('password', 'keyfile')),
+    kdf           TEXT,
+    wrapped_key   BLOB NOT NULL,
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS secrets (
+    account  TEXT NOT NULL REFERENCES accounts(name) ON DELETE CASCADE,
+    kind     TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    sealed   BLOB NOT NULL,
+    updated  REAL NOT NULL,
+    PRIMARY KEY (account, kind)
+);
+CREATE TABLE IF NOT EXISTS status (
+    account TEXT PRIMARY KEY,
+    state   TEXT NOT NULL,
+    detail  TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    name: str
+    provider: str
+    password_hash: str
+    key_wrapping: KeyWrapping
+    kdf: str | None  # KdfParams JSON when key_wrapping == "password"
+    wrapped_key: bytes
+    created: float = 0.0
+    updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class SealedSecret:
+    provider: str
+    sealed: bytes
+    updated: float
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    state: str  # "ok" | "needs_reauthorization"
+    detail: str
+    updated: float
+
+
+class StoreError(Exception):
+    """The state file cannot be opened, read or written."""
+
+
+class StateStore:
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / STATE_DB_NAME
+        self._initialise()
+
+    # --- opening ----------------------------------------------------------------------------
+
+    def _initialise(self) -> None:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            with self._read() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                with self._write() as db:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"state file {self.path}: {exc}") from None
+
+    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            uri = self.path.absolute().as_uri() + "?mode=ro"
+            db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
+        else:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with closing(self._connect(readonly=True)) as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self.path}: {exc}") from None
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with closing(self._connect(readonly=False)) as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state file {self.path}: {exc}") from None
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def account(self, name: str) -> AccountRecord | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT name, provider, password_hash, key_wrapping, kdf, wrapped_key, created,"
+                " updated FROM accounts WHERE name = ?",
+                (name,),
+            ).fetchone()
+        return AccountRecord(*row) if row else None
+
+    def account_names(self) -> list[str]:
+        with self._read() as db:
+            return [r[0] for r in db.execute("SELECT name FROM accounts ORDER BY name")]
+
+    def secret(self, account: str, kind: str = REFRESH_TOKEN) -> SealedSecret | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT provider, sealed, updated FROM secrets WHERE account = ? AND kind = ?",
+                (account, kind),
+            ).fetchone()
+        return SealedSecret(*row) if row else None
+
+    def status(self, account: str) -> AccountStatus | None:
+        with self._read() as db:
+            row = db.execute(
+                "SELECT state, detail, updated FROM status WHERE account = ?", (account,)
+            ).fetchone()
+        return AccountStatus(*row) if row else None
+
+    # --- writes (each one transaction) ------------------------------------------------------
+
+    def save_account(
+        self, record: AccountRecord, secrets: dict[str, SealedSecret] | None = None
+    ) -> None:
+        """Create or replace an account. With ``secrets``, they replace every stored secret of
+        the account in the same transaction (a new data key invalidates the old ones)."""
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO accounts (name, provider, password_hash, key_wrapping, kdf,"
+                " wrapped_key, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET provider = excluded.provider,"
+                " password_hash = excluded.password_hash, key_wrapping = excluded.key_wrapping,"
+                " kdf = excluded.kdf, wrapped_key = excluded.wrapped_key,"
+                " updated = excluded.updated",
+                (
+                    record.name,
+                    record.provider,
+                    record.password_hash,
+                    record.key_wrapping,
+                    record.kdf,
+                    record.wrapped_key,
+                    record.created or now,
+                    now,
+                ),
+            )
+            if secrets is not None:
+                db.execute("DELETE FROM secrets WHERE account = ?", (record.name,))
+                for kind, secret in secrets.items():
+                    db.execute(
+                        "INSERT INTO secrets (account, kind, provider, sealed, updated)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (record.name, kind, secret.provider, secret.sealed, now),
+                    )
+
+    def save_secret(self, account: str, kind: str, provider: str, sealed: bytes) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO secrets (account, kind, provider, sealed, updated)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(account, kind) DO UPDATE SET"
+                " provider = excluded.provider, sealed = excluded.sealed,"
+                " updated = excluded.updated",
+                (account, kind, provider, sealed, time.time()),
+            )
+
+    def set_status(self, account: str, state: str, detail: str = "") -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO status (account, state, detail, updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(account) DO UPDATE SET state = excluded.state,"
+                " detail = excluded.detail, updated = excluded.updated",
+                (account, state, detail, time.time()),
+            )
+
+    def delete_account(self, name: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM secrets WHERE account = ?", (name,))
+            db.execute("DELETE FROM status WHERE account = ?", (name,))
+            db.execute("DELETE FROM accounts WHERE name = ?", (name,))
