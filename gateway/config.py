@@ -52,8 +52,8 @@ def parse_hostport(value: str, *, what: str = "address") -> tuple[str, int]:
             raise ValueError(f"{value!r} is not host:port (IPv6 is written as '[::1]:993')")
     if not host:
         raise ValueError(f"{value!r} has no host (use 0.0.0.0 for every address)")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535 (0: any free port)")
     return host, int(port)
 
 
@@ -404,7 +404,7 @@ def _cross_check(cfg: Config) -> list[str]:
     seen: dict[tuple[str, int], int] = {}
     for i, lst in enumerate(cfg.listeners, 1):
         key = (lst.host, lst.port)
-        if key in seen:
+        if key in seen and lst.port != 0:  # port 0: the OS picks a free port for each
             problems.append(
                 f"listener[{i}].bind: {lst.bind} is already used by listener[{seen[key]}]"
             )

@@ -1,0 +1,54 @@
+"""The event bus: what happened in the gateway, for the admin plane and the logs.
+
+Theory of operation
+-------------------
+Front ends and the token manager call :meth:`EventBus.publish` with a small dict (``type`` plus
+plain fields: user, protocol, peer, bytes, reason — never a password, token or message body).
+``publish`` is synchronous and never blocks: it appends the event to a bounded ring of recent
+events and offers it to every subscriber's bounded queue. A subscriber whose queue is full (a
+stalled WebSocket client) is dropped instead of slowing anyone down: its channel is closed and it
+sees end-of-stream. The gateway's speed never depends on how fast someone watches it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from typing import Any
+
+import trio
+
+RECENT_EVENTS = 200  # kept for the status page
+SUBSCRIBER_QUEUE = 256  # events a subscriber may fall behind before it is dropped
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
+        self.dropped_subscribers = 0
+
+    def publish(self, event: dict[str, Any]) -> dict[str, Any]:
+        event = {"seq": next(self._seq), "time": round(time.time(), 3), **event}
+        self.recent.append(event)
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self._drop(channel)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(channel)
+        return event
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        """A channel of events from now on; it ends if the subscriber falls too far behind."""
+        send, receive = trio.open_memory_channel[dict[str, Any]](SUBSCRIBER_QUEUE)
+        self._subscribers.add(send)
+        return receive
+
+    def _drop(self, channel: trio.MemorySendChannel[dict[str, Any]]) -> None:
+        self._subscribers.discard(channel)
+        self.dropped_subscribers += 1
+        channel.close()

@@ -1,0 +1,116 @@
+"""The client connection as the front ends see it: a trio stream, its peer and its TLS state.
+
+Theory of operation
+-------------------
+:class:`ClientStream` is deliberately thin. It does *not* buffer: front ends feed whatever
+``receive_some`` returns into their sans-IO parser, and the parser owns the buffer. That is what
+makes STARTTLS safe (the CVE-2011-0411 class of bugs): when a client sends ``STARTTLS`` and, in the
+same packet, more commands, those bytes sit in the *parser*; the front end discards them
+(``parser.discard_buffer()``) before calling :meth:`ClientStream.start_tls`. Bytes still in the
+kernel after that are read by the TLS layer as handshake data and make the handshake fail: they
+are never executed as commands.
+
+``receive_some`` maps a peer that vanished (TCP reset, TLS without close_notify) to end-of-file,
+because for a front end both mean the same thing: the client is gone, end the session without
+touching the mailbox. ``send_all`` lets ``trio.BrokenResourceError`` through, so a front end
+writing into a dead connection stops at once.
+
+Every TLS handshake runs under ``limits.tls_handshake_timeout``: a client that opens a connection
+and never finishes the handshake does not hold a slot for long.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+
+import trio
+
+from .config import ListenerConfig
+
+RECEIVE_SIZE = 65536  # SSLStream returns at most one 16 KiB record per call; plain TCP more.
+
+
+class TLSHandshakeFailed(Exception):
+    """The client did not complete a TLS handshake in time or sent something that is not TLS."""
+
+
+class ClientStream:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        peer: tuple[str, int],
+        listener: ListenerConfig,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+    ):
+        self._stream = stream
+        self.peer_host, self.peer_port = peer[0], peer[1]
+        self.listener = listener
+        self._ssl_context = ssl_context
+        self._handshake_timeout = handshake_timeout
+        self.tls_active = False
+        self.tls_version: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    @property
+    def peer(self) -> str:
+        host = f"[{self.peer_host}]" if ":" in self.peer_host else self.peer_host
+        return f"{host}:{self.peer_port}"
+
+    async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+        self.bytes_in += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+        self.bytes_out += len(data)
+
+    async def start_tls(self) -> None:
+        """Upgrade to TLS as the server (implicit TLS at accept, or STARTTLS/STLS)."""
+        if self.tls_active:
+            raise RuntimeError("TLS is already active")
+        if self._ssl_context is None:
+            raise RuntimeError("this listener has no TLS context")
+        tls = trio.SSLStream(self._stream, self._ssl_context, server_side=True)
+        try:
+            with trio.fail_after(self._handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            raise TLSHandshakeFailed("TLS handshake timed out") from None
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise TLSHandshakeFailed(f"TLS handshake failed: {exc.__cause__ or exc}") from None
+        self._stream = tls
+        self.tls_active = True
+        self.tls_version = tls.version()
+
+    def plaintext_auth_allowed(self) -> bool:
+        """Password logins are allowed over TLS, or from the listener's plaintext networks."""
+        if self.tls_active:
+            return True
+        if not self.listener.plaintext_auth_from:
+            return False
+        try:
+            ip = ipaddress.ip_address(self.peer_host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.listener.plaintext_auth_from)
+
+    async def aclose(self) -> None:
+        """Close without waiting long: a TLS close_notify to a dead peer must not hang us."""
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self._stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self._stream)

@@ -1,0 +1,236 @@
+"""The listeners: accept connections, do implicit TLS, run one front-end session per connection.
+
+Theory of operation
+-------------------
+:class:`GatewayServer` owns three nested scopes::
+
+    run()
+    └── nursery
+        ├── accept scope: one trio.serve_listeners per [[listener]] (cancelled first at shutdown)
+        └── connection nursery: one task per client connection
+              └── _handle(): limits → implicit TLS → front end → close (always)
+
+Every connection task is wrapped by :meth:`_handle`: whatever a session raises is logged (as one
+line, redacted, with a traceback only at debug level) and the connection is closed; it never
+reaches the nursery, so one broken session can never take the server down. A client that vanishes
+mid-session is an ordinary end, not an error.
+
+Limits applied before any protocol byte is read: ``limits.max_connections`` overall and
+``limits.max_connections_per_ip``; a connection over a limit gets the protocol's own "try later"
+line (``* BYE`` / ``-ERR [SYS/TEMP]``) and is closed.
+
+Shutdown (:meth:`shutdown`, SIGTERM/SIGINT in the CLI): stop accepting, let running sessions
+finish for ``limits.shutdown_grace`` seconds, then cancel them; cancelled sessions end without
+entering POP3's UPDATE state, so nothing is deleted.
+
+The handler for each protocol is looked up in :data:`FRONTENDS`; tests may pass their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .config import Config, ListenerConfig
+from .context import GatewayContext
+from .events import EventBus
+from .net import ClientStream, TLSHandshakeFailed
+
+log = logging.getLogger("mailgate.server")
+
+Handler = Callable[[ClientStream, GatewayContext], Awaitable[None]]
+
+FRONTENDS = {
+    "imap": "gateway.frontends.imap_session:handle_imap",
+    "pop3": "gateway.frontends.pop3_session:handle_pop3",
+}
+
+TOO_MANY = {
+    "imap": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+}
+
+
+def load_frontend(protocol: str) -> Handler:
+    module_name, _, attr = FRONTENDS[protocol].partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def make_server_ssl_context(config: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if config.tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+    # Legacy clients resume sessions a lot; tickets save them a full handshake.
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handlers: dict[str, Handler] | None = None,
+    ):
+        self.ctx = ctx
+        self.ssl_context = ssl_context
+        self._handlers = handlers or {}
+        self.addresses: list[tuple[str, int]] = []  # bound address per listener, in config order
+        self.active = 0
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        self._accept_scope = trio.CancelScope()
+        self._conn_scope = trio.CancelScope()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.draining = False
+        self.finished = trio.Event()
+        self.started_at = time.time()
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def events(self) -> EventBus:
+        return self.ctx.events
+
+    def handler_for(self, protocol: str) -> Handler:
+        if protocol not in self._handlers:
+            self._handlers[protocol] = load_frontend(protocol)
+        return self._handlers[protocol]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind every listener, report ``started``, serve until :meth:`shutdown` or cancelled."""
+        needs_tls = any(lst.tls != "none" for lst in self.config.listeners)
+        if needs_tls and self.ssl_context is None:
+            self.ssl_context = make_server_ssl_context(self.config)
+        for lst in self.config.listeners:
+            self.handler_for(lst.protocol)  # import errors surface now, not at the first client
+        bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
+        try:
+            for lst in self.config.listeners:
+                try:
+                    listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
+                except OSError as exc:
+                    raise OSError(f"cannot listen on {lst.bind} ({lst.protocol}): {exc.strerror}") from None
+                bound.append((lst, listeners))
+                sockname = listeners[0].socket.getsockname()
+                self.addresses.append((sockname[0], sockname[1]))
+        except BaseException:
+            for _, listeners in bound:
+                for sl in listeners:
+                    await sl.aclose()
+            raise
+        for lst, (host, port) in zip(self.config.listeners, self.addresses):
+            log.info("listening on %s:%s (%s, tls=%s)", host, port, lst.protocol, lst.tls)
+            if lst.tls == "none" and not lst.plaintext_auth_from:
+                log.warning(
+                    "listener %s has tls = \"none\" and no plaintext_auth_from: nobody can log in "
+                    "on it", lst.bind
+                )
+        try:
+            with self._conn_scope:
+                async with trio.open_nursery() as conn_nursery:
+                    with self._accept_scope:
+                        async with trio.open_nursery() as accept_nursery:
+                            for lst, listeners in bound:
+                                accept_nursery.start_soon(
+                                    self._serve, lst, listeners, conn_nursery
+                                )
+                            task_status.started(self)
+                    # Accepting has stopped (shutdown). Let sessions finish, within the grace.
+                    for _, listeners in bound:
+                        for sl in listeners:
+                            await sl.aclose()
+                    with trio.move_on_after(self.config.limits.shutdown_grace):
+                        await self._idle.wait()
+                    self._conn_scope.cancel()
+        finally:
+            for _, listeners in bound:
+                for sl in listeners:
+                    await trio.aclose_forcefully(sl)
+            self.finished.set()
+
+    async def _serve(
+        self, lst: ListenerConfig, listeners: list[trio.SocketListener], conn_nursery: trio.Nursery
+    ) -> None:
+        async def handler(stream: trio.SocketStream) -> None:
+            await self._handle(stream, lst)
+
+        await trio.serve_listeners(handler, listeners, handler_nursery=conn_nursery)
+
+    def shutdown(self) -> None:
+        """Stop accepting; running sessions get ``limits.shutdown_grace`` seconds to finish."""
+        self.draining = True
+        self._accept_scope.cancel()
+
+    async def _handle(self, raw: trio.SocketStream, lst: ListenerConfig) -> None:
+        try:
+            peer = raw.socket.getpeername()
+        except OSError:
+            await trio.aclose_forcefully(raw)
+            return
+        ip = peer[0]
+        limits = self.config.limits
+        if self.active >= limits.max_connections or self._per_ip[ip] >= limits.max_connections_per_ip:
+            log.warning("refused a connection from %s: too many connections", ip)
+            await self._refuse(raw, lst)
+            return
+        self.active += 1
+        self._per_ip[ip] += 1
+        self._idle = trio.Event() if self.active == 1 else self._idle
+        stream = ClientStream(
+            raw,
+            peer=(peer[0], peer[1]),
+            listener=lst,
+            ssl_context=self.ssl_context,
+            handshake_timeout=limits.tls_handshake_timeout,
+        )
+        try:
+            if lst.tls == "implicit":
+                await stream.start_tls()
+            await self.handler_for(lst.protocol)(stream, self.ctx)
+        except TLSHandshakeFailed as exc:
+            log.info("%s %s: %s", lst.protocol, stream.peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("%s %s: client went away", lst.protocol, stream.peer)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # a bug in one session must not end the others
+            log.error(
+                "%s session from %s failed: %s: %s",
+                lst.protocol,
+                stream.peer,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+        finally:
+            await stream.aclose()
+            self.active -= 1
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+            if self.active == 0:
+                self._idle.set()
+
+    async def _refuse(self, raw: trio.SocketStream, lst: ListenerConfig) -> None:
+        # On implicit-TLS listeners the greeting would need a handshake; a plain close is the
+        # cheapest honest answer there.
+        with trio.move_on_after(1):
+            try:
+                if lst.tls != "implicit":
+                    await raw.send_all(TOO_MANY[lst.protocol])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(raw)
