@@ -200,3 +200,17 @@ def test_parse_hostport(value: str, expected: tuple[str, int]) -> None:
 def test_parse_hostport_rejects(value: str) -> None:
     with pytest.raises(ValueError):
         parse_hostport(value)
+
+
+def test_the_example_config_is_valid_and_documents_every_key() -> None:
+    from gateway.config import AdminSection, Limits, ListenerConfig, ServerSection, TLSSection, UserConfig
+
+    example = Path(__file__).parent.parent / "mailgate.example.toml"
+    cfg = load_config(example)
+    assert cfg.users["alice"].provider == "gmail"
+    text = example.read_text()
+    for model in (ServerSection, TLSSection, ListenerConfig, AdminSection, UserConfig, Limits):
+        for key in model.model_fields:
+            if key == "name":
+                continue
+            assert f"{key} =" in text or f"# {key}" in text, f"{model.__name__}.{key} undocumented"
