@@ -8,6 +8,23 @@ plain fields: user, protocol, peer, bytes, reason — never a password, token or
 events and offers it to every subscriber's bounded queue. A subscriber whose queue is full (a
 stalled WebSocket client) is dropped instead of slowing anyone down: its channel is closed and it
 sees end-of-stream. The gateway's speed never depends on how fast someone watches it.
+
+Event types (every event also has ``seq`` and ``time``)
+-------------------------------------------------------
+======================== =============================================================== =========
+type                     fields                                                          publisher
+======================== =============================================================== =========
+session.opened           protocol, peer, listener, tls                                   server
+session.authenticated    protocol, peer, user                                            front end
+login.failed             protocol, peer, user (as typed), reason: bad_credentials |      front end
+                         reauthorization_required | temporary | plaintext_refused
+session.closed           protocol, peer, user, bytes_in, bytes_out, duration, outcome    server
+upstream.connected       user, provider, latency_ms                                      upstream
+upstream.error           user, provider, reason                                          upstream
+token.refreshed          user, provider                                                  oauth
+token.failed             user, provider, reason: reauthorization_required | temporary    oauth
+config.reloaded          users                                                           app
+======================== =============================================================== =========
 """
 
 from __future__ import annotations

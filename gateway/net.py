@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import time
 
 import trio
 
@@ -54,6 +55,11 @@ class ClientStream:
         self.tls_version: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.opened_at = time.time()
+        # Set by the front end for the status page and the session-end log line.
+        self.user: str | None = None
+        self.state = "connected"  # connected → authenticated → closing
+        self.outcome: str | None = None  # e.g. "logout", "quit", "timeout", "upstream_closed"
 
     @property
     def peer(self) -> str:

@@ -87,6 +87,7 @@ class GatewayServer:
         self._handlers = handlers or {}
         self.addresses: list[tuple[str, int]] = []  # bound address per listener, in config order
         self.active = 0
+        self.sessions: set[ClientStream] = set()  # live connections, for the status page
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._accept_scope = trio.CancelScope()
         self._conn_scope = trio.CancelScope()
@@ -196,17 +197,27 @@ class GatewayServer:
             ssl_context=self.ssl_context,
             handshake_timeout=limits.tls_handshake_timeout,
         )
+        self.sessions.add(stream)
+        self.events.publish(
+            {"type": "session.opened", "protocol": lst.protocol, "peer": stream.peer,
+             "listener": lst.bind, "tls": lst.tls}
+        )
+        outcome = "closed"
         try:
             if lst.tls == "implicit":
                 await stream.start_tls()
             await self.handler_for(lst.protocol)(stream, self.ctx)
         except TLSHandshakeFailed as exc:
+            outcome = "tls_failed"
             log.info("%s %s: %s", lst.protocol, stream.peer, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            outcome = "client_gone"
             log.debug("%s %s: client went away", lst.protocol, stream.peer)
         except trio.Cancelled:
+            outcome = "cancelled"
             raise
         except Exception as exc:  # a bug in one session must not end the others
+            outcome = "error"
             log.error(
                 "%s session from %s failed: %s: %s",
                 lst.protocol,
@@ -217,12 +228,33 @@ class GatewayServer:
             )
         finally:
             await stream.aclose()
+            self._session_ended(stream, stream.outcome or outcome)
+            self.sessions.discard(stream)
             self.active -= 1
             self._per_ip[ip] -= 1
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
             if self.active == 0:
                 self._idle.set()
+
+    def _session_ended(self, stream: ClientStream, outcome: str) -> None:
+        duration = round(time.time() - stream.opened_at, 3)
+        lst = stream.listener
+        # One line per session end: who, what, how much, how long, how it ended.
+        log.info(
+            "session end: protocol=%s user=%s peer=%s bytes_in=%d bytes_out=%d duration=%.3fs "
+            "outcome=%s",
+            lst.protocol, stream.user or "-", stream.peer, stream.bytes_in, stream.bytes_out,
+            duration, outcome,
+            extra={"fields": {"protocol": lst.protocol, "user": stream.user, "peer": stream.peer,
+                              "bytes_in": stream.bytes_in, "bytes_out": stream.bytes_out,
+                              "duration": duration, "outcome": outcome}},
+        )
+        self.events.publish(
+            {"type": "session.closed", "protocol": lst.protocol, "peer": stream.peer,
+             "user": stream.user, "bytes_in": stream.bytes_in, "bytes_out": stream.bytes_out,
+             "duration": duration, "outcome": outcome}
+        )
 
     async def _refuse(self, raw: trio.SocketStream, lst: ListenerConfig) -> None:
         # On implicit-TLS listeners the greeting would need a handshake; a plain close is the
