@@ -1,0 +1,321 @@
+"""Accounts: the local login of a legacy client, and the upstream access token it leads to.
+
+Theory of operation
+-------------------
+:class:`AccountManager` is built once per gateway from the config. The IMAP and POP3 front
+ends call :meth:`AccountManager.login` on every client login and get an :class:`Account`, whose
+:meth:`Account.access_token` the upstream login calls.
+
+Login (``login(username, password)``):
+
+1. The user name is a ``[users.X]`` key, or (case-insensitively) that user's ``upstream_user``.
+2. Logins of one account are serialised by a per-account lock, so that five connections opened
+   at once by one phone cost one password derivation, not five.
+3. The verified-credential cache is asked first (HMAC of user, password and stored verifier;
+   see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation.
+4. Otherwise argon2 verifies the password and, for password-sealed accounts, scrypt unwraps the
+   data key — in a worker thread, bounded by ``limits.kdf_concurrency``. The data key stays in
+   memory in the :class:`Account` so that its tokens can be refreshed for the sessions.
+5. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
+   ``limits.auth_failure_delay`` and raises the same ``AuthenticationFailed``. A failed login
+   only reads the state store: it never changes a byte of it.
+
+Tokens (``access_token()``) come from a :class:`~gateway.oauth.tokens.TokenCache` whose mint
+function depends on the provider's flow:
+
+* ``authorization_code`` / ``device``: the refresh-token grant with the sealed refresh token
+  (read from the store each time, so ``mailgate authorize`` takes effect without a restart).
+  A rotated refresh token is sealed and committed to the store *before* the new access token is
+  returned; if that write fails the new refresh token is kept in memory and the write retried
+  on the next refresh, so the account is never lost.
+* ``client_credentials``: the client-credentials grant (Microsoft app-only).
+* ``service_account``: a JWT assertion signed with the service account's key, ``sub`` = user.
+
+Identity-provider errors are classified: ``invalid_grant`` and other OAuth refusals raise
+``ReauthorizationRequired`` (recorded in the store's status table for ``mailgate check``; the
+dead grant is not retried until the stored token changes); HTTP 5xx, timeouts and connection
+errors raise ``TemporaryFailure``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn, TypeVar
+
+import trio
+
+from ..errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
+from . import credentials, grants
+from .endpoint import OAuthErrorResponse, TokenResponse
+from .jwt import ServiceAccountKey
+from .passwords import CredentialCache, KdfPool, burn_verification, verify_password
+from .sealing import SealError, read_key_file, seal, unseal
+from .store import REFRESH_TOKEN, AccountRecord, StateStore, StoreError
+from .tokens import TokenCache
+
+if TYPE_CHECKING:
+    from ..config import Config, Limits, ProviderConfig, UserConfig
+
+log = logging.getLogger("mailgate.oauth")
+T = TypeVar("T")
+
+REFRESH_FLOWS = ("authorization_code", "device")
+# OAuth error codes that mean "try again later", not "the grant is gone".
+TEMPORARY_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+STATUS_OK = "ok"
+STATUS_NEEDS_REAUTHORIZATION = "needs_reauthorization"
+AUTH_FAILED_MESSAGE = "authentication failed"
+
+
+class Account:
+    """One ``[users.X]`` entry at run time: its upstream identity and its tokens."""
+
+    def __init__(
+        self, name: str, user: "UserConfig", provider: "ProviderConfig", *,
+        store: StateStore, limits: "Limits",
+    ):
+        self.name = name
+        self.user = user
+        self.provider = provider
+        self._store = store
+        self._limits = limits
+        self._data_key: bytes | None = None
+        self._tokens = TokenCache(self._mint)
+        self._service_account: ServiceAccountKey | None = None
+        self._dead_grant: float | None = None  # `updated` of a stored token the IdP refused
+        self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
+        self._status_written: str | None = None
+        self.login_lock = trio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Account {self.name} provider={self.provider.name} flow={self.provider.flow}>"
+
+    # --- public API -------------------------------------------------------------------------
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        return self.provider.flow in REFRESH_FLOWS
+
+    @property
+    def unlocked(self) -> bool:
+        return self._data_key is not None
+
+    @property
+    def token_mints(self) -> int:
+        return self._tokens.mints
+
+    def unlock(self, data_key: bytes) -> None:
+        if data_key != self._data_key:
+            self._data_key = data_key
+
+    def check_usable(self) -> None:
+        """Raise ReauthorizationRequired when the stored grant is already known to be dead."""
+        if self._dead_grant is not None:
+            raise ReauthorizationRequired(self.name, "the identity provider refused its grant")
+
+    async def access_token(self, *, force_refresh: bool = False) -> str:
+        """A valid access token: cached, refreshed before expiry, one token request at a time.
+        Raises ReauthorizationRequired / TemporaryFailure (/ AuthenticationFailed when a
+        password-sealed account is used before its user logged in)."""
+        return await self._tokens.get(force_refresh=force_refresh)
+
+    # --- minting ----------------------------------------------------------------------------
+
+    async def _mint(self) -> TokenResponse:
+        timeout = self._limits.token_request_timeout
+        try:
+            if self.provider.flow == "client_credentials":
+                answer = await grants.client_credentials(self.provider, timeout=timeout)
+            elif self.provider.flow == "service_account":
+                key = await self._service_account_key()
+                answer = await grants.jwt_bearer(
+                    self.provider, key, subject=self.user.upstream_user, timeout=timeout
+                )
+            else:
+                answer = await self._refresh(timeout)
+        except OAuthErrorResponse as exc:
+            if exc.error in TEMPORARY_OAUTH_ERRORS:
+                raise TemporaryFailure(f"identity provider: {exc}") from None
+            log.warning("account %s: identity provider refused the grant: %s", self.name, exc)
+            await self._record_status(STATUS_NEEDS_REAUTHORIZATION, exc.error)
+            raise ReauthorizationRequired(self.name, exc.error) from None
+        except TemporaryFailure as exc:
+            log.warning("account %s: token request failed: %s", self.name, exc)
+            raise
+        await self._record_status(STATUS_OK, "")
+        return answer
+
+    async def _refresh(self, timeout: float) -> TokenResponse:
+        stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)
+        if stored is None:
+            raise ReauthorizationRequired(self.name, "no refresh token stored")
+        if stored.provider != self.provider.name:
+            raise ReauthorizationRequired(
+                self.name, f"authorized for provider {stored.provider!r}, configured for "
+                f"{self.provider.name!r}"
+            )
+        if self._dead_grant == stored.updated:
+            raise ReauthorizationRequired(self.name, "the identity provider refused its grant")
+        data_key = await self._key()
+        if self._unsaved_refresh is not None and self._unsaved_refresh[0] == stored.updated:
+            refresh_token = self._unsaved_refresh[1]
+        else:
+            self._unsaved_refresh = None
+            try:
+                refresh_token = unseal(
+                    data_key, stored.sealed, account=self.name,
+                    provider=self.provider.name, kind=REFRESH_TOKEN,
+                ).decode("utf-8")
+            except SealError:
+                self._data_key = None
+                raise AuthenticationFailed("stored credentials changed; log in again") from None
+        try:
+            answer = await grants.refresh(self.provider, refresh_token, timeout=timeout)
+        except OAuthErrorResponse as exc:
+            if exc.error not in TEMPORARY_OAUTH_ERRORS:
+                self._dead_grant = stored.updated
+            raise
+        self._dead_grant = None
+        if answer.refresh_token and answer.refresh_token != refresh_token:
+            await self._save_rotated(answer.refresh_token, data_key, stored.updated)
+        return answer
+
+    async def _save_rotated(self, refresh_token: str, data_key: bytes, stored_at: float) -> None:
+        sealed = seal(
+            data_key, refresh_token.encode("utf-8"), account=self.name,
+            provider=self.provider.name, kind=REFRESH_TOKEN,
+        )
+        try:
+            await _in_thread(
+                self._store.save_secret, self.name, REFRESH_TOKEN, self.provider.name, sealed
+            )
+        except StoreError as exc:
+            log.error("account %s: rotated refresh token kept in memory only: %s", self.name, exc)
+            self._unsaved_refresh = (stored_at, refresh_token)
+        else:
+            self._unsaved_refresh = None
+            log.info("account %s: rotated refresh token saved", self.name)
+
+    async def _key(self) -> bytes:
+        if self._data_key is not None:
+            return self._data_key
+        record = await _in_thread(self._store.account, self.name)
+        if record is None:
+            raise ReauthorizationRequired(self.name, "no stored credentials")
+        if record.key_wrapping != "keyfile" or self.provider.key_file is None:
+            raise AuthenticationFailed(
+                f"account {self.name!r} is sealed with its local password: its user must log in"
+            )
+        try:
+            daemon_key = await _in_thread(read_key_file, self.provider.key_file)
+            self._data_key = credentials.unwrap(record, daemon_key=daemon_key)
+        except SealError as exc:
+            raise ReauthorizationRequired(self.name, str(exc)) from None
+        return self._data_key
+
+    async def _service_account_key(self) -> ServiceAccountKey:
+        if self._service_account is None:
+            path = self.provider.service_account_key_file
+            assert path is not None, "the config requires it for flow 'service_account'"
+            try:
+                self._service_account = await _in_thread(grants.load_service_account, path)
+            except ValueError as exc:
+                raise ReauthorizationRequired(self.name, str(exc)) from None
+        return self._service_account
+
+    async def _record_status(self, state: str, detail: str) -> None:
+        if self._status_written == (state + detail):
+            return
+        try:
+            await _in_thread(self._store.set_status, self.name, state, detail)
+            self._status_written = state + detail
+        except StoreError as exc:
+            log.error("account %s: cannot record status: %s", self.name, exc)
+
+
+class AccountManager:
+    """Local logins and the :class:`Account` objects, one per configured user."""
+
+    def __init__(self, config: "Config", *, store: StateStore | None = None):
+        self.config = config
+        self.limits = config.limits
+        self.store = store if store is not None else StateStore(config.server.state_dir)
+        self.kdf = KdfPool(config.limits.kdf_concurrency)
+        self.credentials = CredentialCache()
+        self._accounts: dict[str, Account] = {}
+        self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
+
+    def account(self, name: str) -> Account:
+        """The Account of a configured user (KeyError if there is none)."""
+        account = self._accounts.get(name)
+        if account is None:
+            user = self.config.users[name]
+            account = Account(
+                name, user, self.config.provider_for(user), store=self.store, limits=self.limits
+            )
+            self._accounts[name] = account
+        return account
+
+    def resolve(self, username: str) -> str | None:
+        """The ``[users.X]`` key a client's login name refers to, if any."""
+        if username in self.config.users:
+            return username
+        return self._by_upstream.get(username.casefold())
+
+    async def login(self, username: str, password: str) -> Account:
+        name = self.resolve(username)
+        if name is None:
+            await self.kdf.run(burn_verification, password)
+            await self._fail(username, "unknown user")
+        account = self.account(name)
+        async with account.login_lock:
+            record = await self._record(name)
+            if record is None:
+                await self.kdf.run(burn_verification, password)
+                await self._fail(name, f"not authorized yet (run: mailgate authorize {name})")
+            if not (
+                self.credentials.check(name, password, record.password_hash)
+                and (account.unlocked or record.key_wrapping == "keyfile")
+            ):
+                try:
+                    data_key = await self.kdf.run(_unlock, record, password)
+                except SealError as exc:
+                    log.error("account %s: %s", name, exc)
+                    await self._fail(name, "stored credentials do not open")
+                if data_key is None:
+                    await self._fail(name, "wrong password")
+                if data_key:
+                    account.unlock(data_key)
+                self.credentials.remember(name, password, record.password_hash)
+        if record.provider != account.provider.name:
+            raise ReauthorizationRequired(
+                name, f"authorized for provider {record.provider!r}, now {account.provider.name!r}"
+            )
+        account.check_usable()
+        return account
+
+    async def _record(self, name: str) -> AccountRecord | None:
+        try:
+            return await _in_thread(self.store.account, name)
+        except StoreError as exc:
+            log.error("state store unavailable: %s", exc)
+            raise TemporaryFailure("credential store unavailable") from None
+
+    async def _fail(self, name: str, reason: str) -> NoReturn:
+        log.info("login failed for %r: %s", name, reason)
+        await trio.sleep(self.limits.auth_failure_delay)
+        raise AuthenticationFailed(AUTH_FAILED_MESSAGE)
+
+
+def _unlock(record: AccountRecord, password: str) -> bytes | None:
+    """Verify and, for password-sealed records, unwrap. b"" = right password, key-file record
+    (its data key is loaded from the key file when first needed)."""
+    if record.key_wrapping == "keyfile":
+        return b"" if verify_password(record.password_hash, password) else None
+    return credentials.unlock(record, password)
+
+
+async def _in_thread(fn: Callable[..., T], *args: object) -> T:
+    """Blocking store and file calls run in a worker thread, off the event loop."""
+    return await trio.to_thread.run_sync(fn, *args)
