@@ -9,6 +9,10 @@ events and offers it to every subscriber's bounded queue. A subscriber whose que
 stalled WebSocket client) is dropped instead of slowing anyone down: its channel is closed and it
 sees end-of-stream. The gateway's speed never depends on how fast someone watches it.
 
+Observers (:meth:`EventBus.observe`) are plain callables run synchronously inside ``publish``,
+for consumers that must see *every* event and cost next to nothing (the admin plane's metric
+counters). An observer must not block or raise; one that raises is logged and removed.
+
 Event types (every event also has ``seq`` and ``time``)
 -------------------------------------------------------
 ======================== =============================================================== =========
@@ -31,10 +35,14 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
+
+log = logging.getLogger("mailgate.events")
 
 RECENT_EVENTS = 200  # kept for the status page
 SUBSCRIBER_QUEUE = 256  # events a subscriber may fall behind before it is dropped
@@ -46,10 +54,17 @@ class EventBus:
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self.dropped_subscribers = 0
+        self._observers: list[Callable[[dict[str, Any]], None]] = []
 
     def publish(self, event: dict[str, Any]) -> dict[str, Any]:
         event = {"seq": next(self._seq), "time": round(time.time(), 3), **event}
         self.recent.append(event)
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:
+                log.exception("event observer %r failed; removed", observer)
+                self._observers.remove(observer)
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)
@@ -58,6 +73,10 @@ class EventBus:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.discard(channel)
         return event
+
+    def observe(self, observer: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``observer(event)`` synchronously for every event from now on."""
+        self._observers.append(observer)
 
     def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
         """A channel of events from now on; it ends if the subscriber falls too far behind."""
