@@ -1,0 +1,752 @@
+"""Sans-IO framing of the IMAP client → server byte stream, and mailgate's own IMAP answers.
+
+Theory of operation
+-------------------
+An IMAP command is a *line* that may end with a literal announcement: ``{n}`` (synchronizing,
+the client waits for a ``+`` continuation before sending the *n* octets) or ``{n+}``
+(non-synchronizing, RFC 7888: the octets follow at once). After the literal the command goes on
+with another line, which may announce another literal, and so on::
+
+    command = line *(literal line)        line ends with LF (normally CRLF)
+
+Two framers read this stream. Both are fed with ``receive_data(bytes)`` and hand out events from
+``next_event()`` until it returns :data:`NEED_DATA`; neither does any I/O (the h11 model). Input
+that breaks a limit or cannot be framed at all raises :class:`ProtocolError`, the only exception
+they raise on bad input; the driver answers ``* BYE`` and closes.
+
+:class:`CommandReader` — before login, where mailgate answers everything itself
+    Holds each whole command (bounded by the small pre-login limits) and parses it into a
+    :class:`Command`: tag, upper-cased name and arguments (atoms, quoted strings with ``\\\\`` and
+    ``\\"`` escapes, literals, parenthesised lists). A synchronizing literal first gives
+    :class:`LiteralContinue` (the driver sends ``+``). A command that is well framed but
+    malformed gives :class:`BadCommand` and the reader goes on with the next command.
+    ``expect_continuation_line()`` makes the next line a raw :class:`ContinuationLine` (a SASL
+    answer for AUTHENTICATE). ``discard_buffer()`` drops whatever was received after STARTTLS
+    (those plaintext bytes must never be executed once TLS is up).
+
+:class:`CommandRelay` — after login, where commands go to the upstream server
+    Never holds a literal: it reads one line at a time (bounded by ``max_line``) and passes
+    literal octets through as :class:`Forward` chunks as they arrive, so relaying a 20 MB APPEND
+    costs one chunk of memory. The first line of every command comes as :class:`CommandLine`
+    (tag and name pre-parsed) so the driver can keep state or answer the command itself
+    (``refuse_command()`` then drops the rest of it, literal octets included). It follows IDLE
+    (the next line is ``DONE``) and it keeps the literal policy of the upstream: a client's
+    ``{n+}`` larger than the upstream accepts (LITERAL-: 4096 octets) is rewritten to ``{n}``
+    and followed by :class:`AwaitContinuation`: the driver must get the upstream's ``+`` (which
+    the client never asked for, so it is not relayed) before forwarding the literal.
+
+    The relay needs to hear about the other direction, which the driver reports:
+    ``continuation_seen()`` when the upstream sends ``+`` (the answer says whether that ``+`` is
+    mailgate's own, to be swallowed) and ``command_finished(tag)`` for each tagged response
+    (a literal or IDLE the upstream refused is over: the client will not send it, or, if the
+    client sent it anyway because it was non-synchronizing, it is discarded).
+
+Response builders at the end of the module produce mailgate's own pre-login answers (greeting,
+CAPABILITY, tagged status, BYE, continuation, ID).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, TypeAlias, Union
+
+__all__ = [
+    "LITERAL_MINUS_MAX",
+    "NEED_DATA",
+    "Arg",
+    "AwaitContinuation",
+    "Atom",
+    "BadCommand",
+    "Command",
+    "CommandLine",
+    "CommandReader",
+    "CommandRelay",
+    "ContinuationLine",
+    "Forward",
+    "LiteralContinue",
+    "ProtocolError",
+    "astring",
+    "bye",
+    "capability_response",
+    "continuation",
+    "greeting",
+    "id_response",
+    "is_nil",
+    "parse_arguments",
+    "prelogin_capabilities",
+    "quote",
+    "rewrite_nonsync_literal",
+    "tagged",
+    "untagged",
+]
+
+#: Largest non-synchronizing literal a LITERAL- server accepts (RFC 7888 §4).
+LITERAL_MINUS_MAX: Final = 4096
+#: Largest literal size written in a command at all (RFC 3501 ``number`` is 32-bit).
+MAX_LITERAL_NUMBER: Final = 0xFFFFFFFF
+
+_LF = 0x0A
+# A literal announcement at the very end of a line (CR/LF already removed): [~]{n} or [~]{n+}.
+_LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\Z")
+# Tag: 1*<any ASTRING-CHAR except "+"> (no SP, CTL, ( ) { % * " \ +); "]" is an ASTRING-CHAR.
+_TAG = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\+]+\Z")
+# Atoms are read leniently: anything up to a delimiter; "]" "%" "*" "\" and 8-bit are accepted.
+_ATOM_CHARS = re.compile(rb"[^\x00-\x20\x7f(){\"]+")
+_QUOTED_BODY = re.compile(rb'(?:[^"\\]|\\["\\])*')
+_QUOTED_ESCAPE = re.compile(rb'\\(["\\])')
+
+
+class ProtocolError(ValueError):
+    """The client's byte stream cannot be framed or breaks a limit; the session must end."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event()`` when more bytes are needed.
+NEED_DATA: Final = _NeedData()
+
+
+class Atom(bytes):
+    """An unquoted argument (``INBOX``, ``NIL``, ``\\Seen``). Strings are plain ``bytes``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Atom({bytes(self)!r})"
+
+
+Arg: TypeAlias = Union[bytes, tuple["Arg", ...]]  # Atom | bytes (string) | tuple (list)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A whole command read before login. ``name`` is upper case; strings are ``bytes``."""
+
+    tag: bytes
+    name: bytes
+    args: tuple[Arg, ...]
+
+    def __repr__(self) -> str:  # arguments may be passwords: never show them
+        return f"Command(tag={self.tag!r}, name={self.name!r}, args=<{len(self.args)}>)"
+
+
+@dataclass(frozen=True, slots=True)
+class BadCommand:
+    """A well-framed but malformed command; answer ``tag BAD reason`` (``*`` if no tag)."""
+
+    tag: bytes | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralContinue:
+    """The client announced a synchronizing literal and waits for a ``+`` continuation."""
+
+    tag: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ContinuationLine:
+    """A raw line asked for with ``expect_continuation_line()`` (without its CRLF)."""
+
+    data: bytes
+
+    def __repr__(self) -> str:  # a SASL answer carries a password
+        return f"ContinuationLine(<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLine:
+    """The first line of a command being relayed.
+
+    ``data`` is what to forward (the line as received, or with its literal rewritten);
+    ``arguments`` is the rest of the line after the command name, without the literal marker.
+    ``name`` is upper case, ``b"UID FETCH"`` style for UID commands, ``b""`` if unparsable.
+    ``literal`` is the size of the literal announced at the end of the line, if any.
+    """
+
+    tag: bytes
+    name: bytes
+    arguments: bytes
+    data: bytes
+    literal: int | None
+
+    def __repr__(self) -> str:  # LOGIN arguments are secrets; APPEND lines are harmless but long
+        return f"CommandLine(tag={self.tag!r}, name={self.name!r}, literal={self.literal})"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Bytes of the current command (a following line or literal octets) to pass upstream."""
+
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"Forward(<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitContinuation:
+    """Forwarded a rewritten ``{n}``: wait for the upstream's ``+`` before going on."""
+
+    tag: bytes
+
+
+ReaderEvent: TypeAlias = Union[Command, BadCommand, LiteralContinue, ContinuationLine, _NeedData]
+RelayEvent: TypeAlias = Union[CommandLine, Forward, AwaitContinuation, _NeedData]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _split_line(line: bytes) -> bytes:
+    """``line`` without its LF and an optional CR before it."""
+    end = len(line) - 1
+    if end > 0 and line[end - 1] == 0x0D:
+        end -= 1
+    return line[:end]
+
+
+@dataclass(frozen=True, slots=True)
+class _Literal:
+    start: int  # index of "{" (or "~") in the line
+    size: int
+    sync: bool
+    binary: bool
+
+
+def _literal_at_end(text: bytes) -> _Literal | None:
+    """The literal announced at the end of ``text`` (a line without CRLF), if any."""
+    if not text.endswith(b"}"):
+        return None
+    m = _LITERAL_AT_END.search(text)
+    if m is None:
+        return None
+    size = int(m.group(2))
+    if size > MAX_LITERAL_NUMBER:
+        raise ProtocolError("literal size is out of range")
+    return _Literal(start=m.start(), size=size, sync=not m.group(3), binary=bool(m.group(1)))
+
+
+def rewrite_nonsync_literal(line: bytes, limit: int | None = LITERAL_MINUS_MAX) -> tuple[bytes, bool]:
+    """Turn a trailing ``{n+}`` into ``{n}`` when *n* exceeds ``limit``.
+
+    ``line`` is one command line with its line ending. ``limit`` is the largest non-synchronizing
+    literal the server accepts (4096 for LITERAL-, 0 for a server with neither LITERAL+ nor
+    LITERAL-, ``None`` for LITERAL+: never rewrite). Returns the line and whether it changed.
+    """
+    text = _split_line(line)
+    lit = _literal_at_end(text)
+    if lit is None or lit.sync or limit is None or lit.size <= limit:
+        return line, False
+    ending = line[len(text) :]
+    marker = (b"~" if lit.binary else b"") + b"{%d}" % lit.size
+    return text[: lit.start] + marker + ending, True
+
+
+def astring(arg: Arg) -> bytes | None:
+    """An astring argument (atom, quoted or literal) as bytes; ``None`` for a list."""
+    return None if isinstance(arg, tuple) else bytes(arg)
+
+
+def is_nil(arg: Arg) -> bool:
+    return isinstance(arg, Atom) and arg.upper() == b"NIL"
+
+
+class _ArgumentParser:
+    """Parses command arguments spread over line segments with literals between them."""
+
+    def __init__(self, segments: list[bytes], literals: list[bytes], pos: int = 0):
+        self._segments = segments
+        self._literals = literals
+        self._i = 0
+        self._pos = pos
+
+    def parse(self) -> tuple[Arg, ...]:
+        return tuple(self._items(closing=False))
+
+    def _items(self, *, closing: bool) -> list[Arg]:
+        items: list[Arg] = []
+        need_separator = False
+        while True:
+            seg = self._segments[self._i]
+            if self._pos < len(seg) and seg[self._pos] == 0x20:
+                while self._pos < len(seg) and seg[self._pos] == 0x20:
+                    self._pos += 1
+                need_separator = False
+                continue
+            if self._pos == len(seg):
+                if self._i < len(self._literals):  # a literal stands here
+                    items.append(self._literals[self._i])
+                    self._i += 1
+                    self._pos = 0
+                    need_separator = True
+                    continue
+                if closing:
+                    raise ValueError("unterminated list")
+                return items
+            c = seg[self._pos]
+            if c == 0x29:  # ")"
+                if not closing:
+                    raise ValueError("unexpected ')'")
+                self._pos += 1
+                return items
+            if need_separator:
+                raise ValueError("missing space between arguments")
+            if c == 0x28:  # "("
+                self._pos += 1
+                items.append(tuple(self._items(closing=True)))
+            elif c == 0x22:  # '"'
+                items.append(self._quoted(seg))
+            else:
+                m = _ATOM_CHARS.match(seg, self._pos)
+                if m is None:
+                    raise ValueError("invalid character in command")
+                items.append(Atom(m.group()))
+                self._pos = m.end()
+            need_separator = True
+
+    def _quoted(self, seg: bytes) -> bytes:
+        m = _QUOTED_BODY.match(seg, self._pos + 1)
+        assert m is not None  # the pattern matches the empty string
+        end = m.end()
+        if end >= len(seg) or seg[end] != 0x22:
+            raise ValueError("unterminated or badly escaped quoted string")
+        self._pos = end + 1
+        body = m.group()
+        if 0 in body:
+            raise ValueError("NUL in quoted string")
+        return _QUOTED_ESCAPE.sub(rb"\1", body) if b"\\" in body else body
+
+
+def parse_arguments(text: bytes) -> tuple[Arg, ...] | None:
+    """Parse one line of arguments (no literals); ``None`` if it is malformed."""
+    try:
+        return _ArgumentParser([text], []).parse()
+    except ValueError:
+        return None
+
+
+def _head(text: bytes) -> tuple[bytes, bytes, int]:
+    """Split ``tag SP name [SP ...]``: the tag, the name (as sent) and where arguments start."""
+    sp1 = text.find(b" ")
+    if sp1 <= 0:
+        return text, b"", len(text)
+    sp2 = text.find(b" ", sp1 + 1)
+    if sp2 < 0:
+        sp2 = len(text)
+    return text[:sp1], text[sp1 + 1 : sp2], sp2
+
+
+class _LineBuffer:
+    """A byte buffer that hands out LF-terminated lines, refusing lines over ``max_line``."""
+
+    def __init__(self, max_line: int):
+        self.max_line = max_line
+        self.data = bytearray()
+        self._scanned = 0  # bytes known to hold no LF
+
+    def take_line(self) -> bytes | None:
+        idx = self.data.find(b"\n", self._scanned)
+        if idx < 0:
+            self._scanned = len(self.data)
+            if len(self.data) >= self.max_line:
+                raise ProtocolError("command line is too long")
+            return None
+        if idx + 1 > self.max_line:
+            raise ProtocolError("command line is too long")
+        line = bytes(self.data[: idx + 1])
+        del self.data[: idx + 1]
+        self._scanned = 0
+        return line
+
+    def take(self, n: int) -> bytes:
+        chunk = bytes(self.data[:n])
+        del self.data[:n]
+        self._scanned = 0
+        return chunk
+
+    def clear(self) -> None:
+        self.data.clear()
+        self._scanned = 0
+
+
+# --------------------------------------------------------------------------- pre-login reader
+
+
+class CommandReader:
+    """Frames and parses whole commands before login (see the module docstring)."""
+
+    def __init__(self, *, max_line: int, max_literal: int, max_command: int | None = None):
+        self._buf = _LineBuffer(max_line)
+        self.max_literal = max_literal
+        #: Most octets one command may hold, lines and literals together.
+        self.max_command = max_command if max_command is not None else max_line + max_literal
+        self._reset_command()
+        self._continuation_line = False
+
+    def _reset_command(self) -> None:
+        self._segments: list[bytes] = []
+        self._literals: list[bytes] = []
+        self._held = 0
+        self._literal_left: int | None = None  # octets of the current literal still to come
+        self._literal_chunks: list[bytes] = []
+        self._discarding: BadCommand | None = None  # skip the rest of a non-sync-literal command
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf.data)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf.data += data
+
+    def discard_buffer(self) -> None:
+        """Forget every byte received but not yet consumed (call before starting TLS)."""
+        self._buf.clear()
+        self._reset_command()
+
+    def expect_continuation_line(self) -> None:
+        """The next event is the client's raw answer line to a ``+`` continuation."""
+        self._continuation_line = True
+
+    def next_event(self) -> ReaderEvent:
+        while True:
+            if self._literal_left is not None:
+                if not self._read_literal():
+                    return NEED_DATA
+                continue
+            line = self._buf.take_line()
+            if line is None:
+                return NEED_DATA
+            text = _split_line(line)
+            if self._continuation_line:
+                self._continuation_line = False
+                return ContinuationLine(text)
+            event = self._on_line(text)
+            if event is not None:
+                return event
+
+    def _read_literal(self) -> bool:
+        assert self._literal_left is not None
+        take = min(self._literal_left, len(self._buf.data))
+        if take:
+            chunk = self._buf.take(take)
+            if self._discarding is None:
+                self._literal_chunks.append(chunk)
+            self._literal_left -= take
+        if self._literal_left:
+            return False
+        if self._discarding is None:
+            self._literals.append(b"".join(self._literal_chunks))
+        self._literal_chunks = []
+        self._literal_left = None
+        return True
+
+    def _on_line(self, text: bytes) -> ReaderEvent | None:
+        first = not self._segments and self._discarding is None
+        tag = _head(text)[0] if first else self._first_tag()
+        valid_tag = _TAG.match(tag) is not None
+        lit = _literal_at_end(text)
+        self._held += len(text) + 2
+        if lit is None:
+            return self._finish(text, tag if valid_tag else None)
+        if self._discarding is not None:  # still skipping a refused command
+            if lit.sync:  # the client waits for "+", which never comes: the command is over
+                bad = self._discarding
+                self._reset_command()
+                return bad
+            self._literal_left = lit.size
+            return None
+        problem = None
+        if not valid_tag:
+            problem = "missing or invalid tag"
+        elif lit.binary:
+            problem = "literal8 is not allowed here"
+        elif lit.size > self.max_literal or self._held + lit.size > self.max_command:
+            problem = "literal is too large"
+        if problem is not None:
+            bad = BadCommand(tag if valid_tag else None, problem)
+            if lit.sync:  # the client will not send the literal: we simply do not ask for it
+                self._reset_command()
+                return bad
+            if lit.size > self.max_literal:
+                raise ProtocolError("non-synchronizing literal is too large")
+            self._discarding = bad
+            self._literal_left = lit.size
+            return None
+        self._segments.append(text[: lit.start])
+        self._held += lit.size
+        self._literal_left = lit.size
+        return LiteralContinue(tag) if lit.sync else None
+
+    def _first_tag(self) -> bytes:
+        return _head(self._segments[0])[0] if self._segments else b""
+
+    def _finish(self, text: bytes, tag: bytes | None) -> Command | BadCommand:
+        if self._discarding is not None:
+            bad = self._discarding
+            self._reset_command()
+            return bad
+        segments = [*self._segments, text]
+        literals, held = self._literals, self._held
+        self._reset_command()
+        if held > self.max_command:
+            return BadCommand(tag, "command is too long")
+        if tag is None:
+            return BadCommand(None, "missing or invalid tag")
+        first = segments[0]
+        _, name, args_at = _head(first)
+        if not name or _ATOM_CHARS.fullmatch(name) is None:
+            return BadCommand(tag, "missing or invalid command name")
+        try:
+            args = _ArgumentParser(segments, literals, args_at).parse()
+        except ValueError as exc:
+            return BadCommand(tag, str(exc))
+        return Command(tag=tag, name=name.upper(), args=args)
+
+
+# --------------------------------------------------------------------------- post-login relay
+
+_COMMAND = "command"  # expecting the first line of a command
+_CONTINUED = "continued"  # expecting the line that follows a literal
+_LITERAL = "literal"  # passing literal octets
+_IDLE = "idle"  # after IDLE: expecting DONE
+
+
+class CommandRelay:
+    """Frames the client's commands after login for relaying (see the module docstring)."""
+
+    def __init__(self, *, max_line: int, max_literal: int, nonsync_literal_limit: int | None):
+        self._buf = _LineBuffer(max_line)
+        self.max_literal = max_literal
+        #: Largest ``{n+}`` passed unchanged; ``None`` when the upstream has LITERAL+.
+        self.nonsync_literal_limit = nonsync_literal_limit
+        self._state = _COMMAND
+        self._tag = b""  # tag of the command in progress
+        self._literal_left = 0
+        self._discarding = False  # drop the rest of the current command
+        self._client_sent_nonsync = False  # the literal in progress was announced {n+}
+        self._awaiting = False  # a "+" from the upstream is expected for the current command
+        self._awaiting_ours = False  # ... and it answers a literal mailgate made synchronizing
+        self._pending: deque[RelayEvent] = deque()
+
+    # -- what the driver can ask
+
+    @property
+    def idle_tag(self) -> bytes | None:
+        """Tag of the IDLE command in progress, if any."""
+        return self._tag if self._state == _IDLE else None
+
+    @property
+    def in_command(self) -> bool:
+        """True between the first line of a command and its end (literals included)."""
+        return self._state != _COMMAND
+
+    @property
+    def awaiting_continuation(self) -> bool:
+        """True while mailgate waits for the upstream's ``+`` to a rewritten literal."""
+        return self._awaiting and self._awaiting_ours
+
+    # -- input
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf.data += data
+
+    def next_event(self) -> RelayEvent:
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            if self._awaiting and self._awaiting_ours:  # nothing moves before that "+"
+                return NEED_DATA
+            if self._state == _LITERAL:
+                if not self._literal_left:
+                    self._state = _CONTINUED
+                    continue
+                if not self._buf.data:
+                    return NEED_DATA
+                take = min(self._literal_left, len(self._buf.data))
+                chunk = self._buf.take(take)
+                self._literal_left -= take
+                if not self._literal_left:
+                    self._state = _CONTINUED
+                if not self._discarding:
+                    return Forward(chunk)
+                continue
+            line = self._buf.take_line()
+            if line is None:
+                return NEED_DATA
+            event = self._on_line(line)
+            if event is not None:
+                return event
+
+    def _on_line(self, line: bytes) -> RelayEvent | None:
+        text = _split_line(line)
+        if self._state == _IDLE:
+            if text.upper() == b"DONE":
+                self._state = _COMMAND
+                self._awaiting = False
+            return Forward(line)
+        lit = _literal_at_end(text)
+        if lit is not None and lit.size > self.max_literal:
+            raise ProtocolError("literal is too large")
+        first = self._state == _COMMAND
+        if first:
+            self._discarding = False
+        if lit is None:
+            self._state = _COMMAND
+            if first:
+                return self._command_line(line, text, None)
+            discarding, self._discarding = self._discarding, False
+            return None if discarding else Forward(line)
+        if self._discarding:
+            if lit.sync:  # the client waits for a "+" it will not get: the command is over
+                self._state = _COMMAND
+                self._discarding = False
+            else:
+                self._state, self._literal_left = _LITERAL, lit.size
+            return None
+        self._state, self._literal_left = _LITERAL, lit.size
+        self._client_sent_nonsync = not lit.sync
+        out, rewritten = rewrite_nonsync_literal(line, self.nonsync_literal_limit)
+        self._awaiting = lit.sync or rewritten
+        self._awaiting_ours = rewritten
+        if rewritten:
+            self._pending.append(AwaitContinuation(self._tag if not first else _head(text)[0]))
+        if first:
+            return self._command_line(out, text[: lit.start], lit.size)
+        return Forward(out)
+
+    def _command_line(self, data: bytes, text: bytes, literal: int | None) -> CommandLine:
+        tag, name, args_at = _head(text)
+        name = name.upper()
+        if name == b"UID":
+            sub, _, rest = text[args_at + 1 :].partition(b" ")
+            name = b"UID " + sub.upper()
+            args_at = args_at + 1 + len(sub)
+        self._tag = tag
+        if name == b"IDLE" and literal is None:
+            self._state = _IDLE
+            self._awaiting, self._awaiting_ours = True, False
+        arguments = text[args_at + 1 :] if args_at < len(text) else b""
+        return CommandLine(tag=tag, name=name, arguments=arguments, data=data, literal=literal)
+
+    # -- what the driver reports
+
+    def refuse_command(self) -> None:
+        """The driver answered the command whose :class:`CommandLine` it just got: drop the rest."""
+        self._pending.clear()
+        self._awaiting = self._awaiting_ours = False
+        if self._state == _IDLE:
+            self._state = _COMMAND
+        elif self._state in (_LITERAL, _CONTINUED):
+            if self._client_sent_nonsync:  # its octets are on their way: skip them
+                self._discarding = True
+            else:  # the client waits for "+": the tagged answer ends the command
+                self._state = _COMMAND
+
+    def continuation_seen(self) -> bool:
+        """The upstream sent ``+``. Returns True if it answers mailgate's own rewritten literal
+        (do not relay it to the client); False if the client is waiting for it (relay it)."""
+        ours = self._awaiting and self._awaiting_ours
+        self._awaiting = self._awaiting_ours = False
+        return ours
+
+    def command_finished(self, tag: bytes) -> None:
+        """The upstream sent a tagged response for ``tag``."""
+        if tag != self._tag:
+            return
+        if self._state == _IDLE:  # IDLE refused or ended: no DONE will come
+            self._state = _COMMAND
+            self._awaiting = False
+            return
+        if not self._awaiting:
+            return
+        self._awaiting = False
+        if self._awaiting_ours:  # the client sent its {n+} octets anyway: skip them
+            self._awaiting_ours = False
+            self._discarding = True
+        else:  # the client will not send its {n} literal: its next line is a new command
+            self._state = _COMMAND
+            self._literal_left = 0
+
+
+# --------------------------------------------------------------------------- responses
+
+_CRLF = b"\r\n"
+
+
+def _text(text: str | bytes) -> bytes:
+    """Human-readable response text on one line (CR, LF and NUL would break the framing)."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return raw.translate(None, b"\r\n\x00") or b"."
+
+
+def prelogin_capabilities(*, starttls: bool, login_allowed: bool) -> list[str]:
+    """mailgate's own capabilities before login on one connection."""
+    caps = ["IMAP4rev1", "SASL-IR", "LITERAL+", "ID"]
+    if starttls:
+        caps.append("STARTTLS")
+    if login_allowed:
+        caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
+    else:
+        caps.append("LOGINDISABLED")
+    return caps
+
+
+def _caps(capabilities: Iterable[str | bytes]) -> bytes:
+    return b" ".join(_text(c) for c in capabilities)
+
+
+def greeting(capabilities: Iterable[str | bytes], text: str = "mailgate ready.") -> bytes:
+    return b"* OK [CAPABILITY " + _caps(capabilities) + b"] " + _text(text) + _CRLF
+
+
+def capability_response(capabilities: Iterable[str | bytes]) -> bytes:
+    return b"* CAPABILITY " + _caps(capabilities) + _CRLF
+
+
+def tagged(tag: bytes, status: str, text: str, code: str | bytes | None = None) -> bytes:
+    """``tag OK|NO|BAD [code] text``; ``tag`` ``None``/empty gives an untagged ``*`` answer."""
+    head = (tag or b"*") + b" " + status.encode("ascii")
+    if code:
+        head += b" [" + _text(code) + b"]"
+    return head + b" " + _text(text) + _CRLF
+
+
+def untagged(status: str, text: str, code: str | bytes | None = None) -> bytes:
+    return tagged(b"*", status, text, code)
+
+
+def bye(text: str) -> bytes:
+    return b"* BYE " + _text(text) + _CRLF
+
+
+def continuation(text: str | bytes = b"") -> bytes:
+    """A ``+`` continuation request; ``text`` may be a base64 SASL challenge (or empty)."""
+    raw = _text(text) if text else b""
+    return b"+ " + raw + _CRLF
+
+
+def quote(value: str | bytes) -> bytes:
+    """An IMAP quoted string (for short, single-line values such as ID fields)."""
+    raw = _text(value) if value else b""
+    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def id_response(fields: Mapping[str, str]) -> bytes:
+    """The untagged ``* ID (...)`` answer (RFC 2971)."""
+    if not fields:
+        return b"* ID NIL" + _CRLF
+    inner = b" ".join(quote(k) + b" " + quote(v) for k, v in fields.items())
+    return b"* ID (" + inner + b")" + _CRLF
