@@ -1,5 +1,7 @@
 """The logic of ``mailgate authorize``, ``mailgate passwd`` and the account part of
-``mailgate check``; ``gateway/cli.py`` only parses arguments and calls these.
+``mailgate check``; ``gateway/cli.py`` only parses arguments and calls these. ``authorize`` and
+``passwd`` are blocking (they run trio themselves); ``authorize_async`` / ``passwd_async`` are
+the same commands for callers already inside trio (tests, the admin plane).
 
 Each command returns a process exit status (0 success, 1 failure, 2 usage problem) and writes
 human-readable lines to ``stdout`` — never a password, token or code. Input comes from
@@ -15,10 +17,11 @@ password changes nothing.
 
 from __future__ import annotations
 
+import functools
 import getpass
 import sys
 from dataclasses import replace
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import trio
 
@@ -112,7 +115,12 @@ async def _run(command, stdout: TextIO) -> int:  # type: ignore[no-untyped-def]
 # --- mailgate authorize ----------------------------------------------------------------------
 
 
-async def authorize(
+def authorize(config: "Config", user: str, **options: Any) -> int:
+    """``mailgate authorize``: the blocking entry point for the CLI (see :func:`authorize_async`)."""
+    return trio.run(functools.partial(authorize_async, config, user, **options))
+
+
+async def authorize_async(
     config: "Config", user: str, *, manual: bool = False, refresh_token_stdin: bool = False,
     password_stdin: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
 ) -> int:
@@ -215,7 +223,12 @@ async def _obtain(
 # --- mailgate passwd -------------------------------------------------------------------------
 
 
-async def passwd(
+def passwd(config: "Config", user: str, **options: Any) -> int:
+    """``mailgate passwd``: the blocking entry point for the CLI (see :func:`passwd_async`)."""
+    return trio.run(functools.partial(passwd_async, config, user, **options))
+
+
+async def passwd_async(
     config: "Config", user: str, *, password_stdin: bool = False, reset: bool = False,
     stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
 ) -> int:
@@ -272,7 +285,7 @@ async def _passwd(config: "Config", name: str, console: _Console, *, reset: bool
 # --- mailgate check (accounts) ---------------------------------------------------------------
 
 
-def account_status(config: "Config", *, stdout: TextIO = sys.stdout) -> int:
+def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
     """One line per configured user; exit 1 when any account needs an admin's action.
     Offline: reads the state store only, contacts no identity provider."""
     try:
