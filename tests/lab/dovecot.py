@@ -381,13 +381,14 @@ service anvil {{
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-        process = subprocess.Popen(
-            [binary, "-F", "-c", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "master.stderr", "wb"),  # noqa: SIM115 - child owns it
-            start_new_session=True,
-        )
+        with open(self.dir / "master.stderr", "wb") as stderr:  # the child keeps its own copy
+            process = subprocess.Popen(
+                [binary, "-F", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         pending = set(LISTENERS)
         while pending:
