@@ -66,7 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passwd", help="set or change a user's local password")
     p.add_argument("user")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the passwords from stdin: the current one (if set), then the new one",
+    )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="set a new password without the current one (discards the stored authorization)",
+    )
 
     p = sub.add_parser("authorize", help="authorize a user's upstream account (OAuth 2.0)")
     p.add_argument("user")
@@ -129,7 +138,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_passwd(args: argparse.Namespace) -> int:
     from .oauth.commands import passwd
 
-    return passwd(_load(args), args.user, password_stdin=args.password_stdin)
+    return passwd(_load(args), args.user, password_stdin=args.password_stdin, reset=args.reset)
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:
