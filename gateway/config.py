@@ -411,7 +411,7 @@ def _cross_check(cfg: Config) -> list[str]:
         seen[key] = i
         if lst.tls == "none" and not lst.plaintext_auth_from:
             pass  # allowed: such a listener only lets in clients that cannot log in; warned at start
-    if cfg.admin.enabled and (cfg.admin.host, cfg.admin.port) in seen:
+    if cfg.admin.enabled and cfg.admin.port != 0 and (cfg.admin.host, cfg.admin.port) in seen:
         problems.append(f"admin.bind: {cfg.admin.bind} is also a listener's address")
     return problems
 
