@@ -170,6 +170,7 @@ async def test_invalid_grant_needs_reauthorization_and_check_says_so(idp, seeded
     # re-authorizing fixes it without a restart
     _, new_refresh = idp.issue_tokens(UPSTREAM_USER)
     await _seed(config, new_refresh)
+    assert await manager.login("alice", PASSWORD) is account
     assert idp.is_active(await account.access_token())
     out = Terminal()
     assert commands.account_status(config, out) == 0, out.getvalue()

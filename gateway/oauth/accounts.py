@@ -109,10 +109,16 @@ class Account:
         if data_key != self._data_key:
             self._data_key = data_key
 
-    def check_usable(self) -> None:
-        """Raise ReauthorizationRequired when the stored grant is already known to be dead."""
-        if self._dead_grant is not None:
-            raise ReauthorizationRequired(self.name, "the identity provider refused its grant")
+    async def check_usable(self) -> None:
+        """Raise ReauthorizationRequired when the stored grant is known to be dead (and has not
+        been replaced by ``mailgate authorize`` since)."""
+        if self._dead_grant is None:
+            return
+        stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)
+        if stored is not None and stored.updated != self._dead_grant:
+            self._dead_grant = None
+            return
+        raise ReauthorizationRequired(self.name, "the identity provider refused its grant")
 
     async def access_token(self, *, force_refresh: bool = False) -> str:
         """A valid access token: cached, refreshed before expiry, one token request at a time.
@@ -292,7 +298,7 @@ class AccountManager:
             raise ReauthorizationRequired(
                 name, f"authorized for provider {record.provider!r}, now {account.provider.name!r}"
             )
-        account.check_usable()
+        await account.check_usable()
         return account
 
     async def _record(self, name: str) -> AccountRecord | None:
