@@ -416,6 +416,13 @@ class CommandReader:
         self._buf.clear()
         self._reset_command()
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes received but not yet consumed (pipelined after LOGIN)."""
+        data = bytes(self._buf.data)
+        self._buf.clear()
+        self._reset_command()
+        return data
+
     def expect_continuation_line(self) -> None:
         """The next event is the client's raw answer line to a ``+`` continuation."""
         self._continuation_line = True

@@ -1,0 +1,322 @@
+"""The IMAP relay after login: client ⇄ upstream, two tasks, byte streams kept intact.
+
+Theory of operation
+-------------------
+Two tasks run in one nursery; when either ends, the other is cancelled:
+
+``client → upstream``
+    Feeds the client's bytes to :class:`~gateway.protocol.imap_commands.CommandRelay`, which
+    frames commands just enough to keep state (current command, literals, IDLE) and streams
+    literal octets through in chunks. Commands mailgate must not pass on are answered here:
+    ``STARTTLS``, ``COMPRESS`` (mailgate relays plain streams only; it is never advertised),
+    ``LOGIN``/``AUTHENTICATE`` (already logged in). A client's ``{n+}`` bigger than the
+    upstream's LITERAL- limit is sent as ``{n}``: this task then waits for the upstream's ``+``
+    before sending the literal (``upstream_command_timeout``). Bytes go out in writes of up to
+    :data:`WRITE_BATCH`. The client's silence is bounded by ``limits.imap_idle_timeout``
+    (≥ 30 minutes, RFC 3501 §5.4).
+
+``upstream → client``
+    Feeds the upstream's bytes to :class:`~gateway.protocol.imap_passthrough.ResponseScanner`,
+    which passes them through untouched (slices, no copy of literal data) except for capability
+    lists, and reports ``+``, tagged responses and ``* BYE``. A ``+`` answering mailgate's own
+    rewritten literal is swallowed; tagged responses tell the client framer that a refused
+    literal or IDLE is over. Output is batched: written when :data:`WRITE_BATCH` bytes are
+    waiting or when the upstream's data ends at a response boundary, so a 50 MB FETCH moves in
+    64 KiB writes and costs one batch of memory, while an IDLE ``* 3 EXISTS`` goes out at once.
+
+Both tasks write to the client, so writes are serialised by a lock that the upstream task holds
+from the first byte of a response to its end: mailgate's own answers (``BAD`` for a refused
+command, a farewell ``* BYE``) only ever land between two responses, never inside a literal.
+
+Endings: the client leaves or times out → the upstream session is logged out (bounded by
+:data:`LOGOUT_TIMEOUT`) and closed. The upstream closes (after the client's LOGOUT, or on its
+own, or breaks) → the client gets ``* BYE`` unless the upstream sent one, or unless the break
+came in the middle of a response, where any byte mailgate added would be taken for message data
+(the client then sees the connection close mid-response, which every client treats as an
+error); the client connection is then closed by the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..net import ClientStream
+from ..protocol.imap_commands import (
+    LITERAL_MINUS_MAX,
+    NEED_DATA,
+    AwaitContinuation,
+    CommandLine,
+    CommandRelay,
+    Forward,
+    ProtocolError,
+    bye,
+    parse_arguments,
+    tagged,
+)
+from ..protocol.imap_passthrough import Bye, Continuation, ResponseScanner, Tagged
+from ..protocol.imap_passthrough import ProtocolError as UpstreamProtocolError
+
+if TYPE_CHECKING:
+    from ..config import Limits
+
+log = logging.getLogger("mailgate.imap")
+
+#: Size of the writes to either side; TLS throughput needs ≥ 64 KiB writes (library-facts.md).
+WRITE_BATCH = 64 * 1024
+#: Bytes asked of a stream per read (a TLS stream returns one 16 KiB record at most anyway).
+RECEIVE_SIZE = 64 * 1024
+#: Longest mailgate spends logging out of the upstream after the client left.
+LOGOUT_TIMEOUT = 5.0
+#: Longest a farewell or a local answer may wait for the client (and for the output lock).
+FAREWELL_TIMEOUT = 5.0
+
+#: Commands mailgate answers itself after login, with the reason given to the client.
+REFUSED = {
+    b"STARTTLS": "STARTTLS is not available after login.",
+    b"COMPRESS": "COMPRESS is not supported by this server.",
+    b"LOGIN": "Already logged in.",
+    b"AUTHENTICATE": "Already logged in.",
+}
+
+_UPSTREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def nonsync_literal_limit(capabilities: frozenset[str] | set[str]) -> int | None:
+    """Largest ``{n+}`` the upstream takes: any (LITERAL+), 4096 (LITERAL-) or none (0)."""
+    caps = {c.upper() for c in capabilities}
+    if "LITERAL+" in caps:
+        return None
+    return LITERAL_MINUS_MAX if "LITERAL-" in caps else 0
+
+
+class _End(Exception):
+    """Stop the relay; ``outcome`` says why (for the session log)."""
+
+    def __init__(self, outcome: str, farewell: str | None = None):
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.farewell = farewell
+
+
+class ImapRelay:
+    """One logged-in session: relays between ``client`` and the upstream IMAP session."""
+
+    def __init__(
+        self,
+        client: ClientStream,
+        upstream: Any,
+        *,
+        limits: "Limits",
+        client_buffered: bytes = b"",
+        user: str = "-",
+    ):
+        self.client = client
+        self.upstream = upstream
+        self.user = user
+        self.limits = limits
+        self._up_stream, up_buffered = upstream.detach()
+        self._up_pending = up_buffered
+        self.framer = CommandRelay(
+            max_line=limits.max_line,
+            max_literal=limits.max_literal,
+            nonsync_literal_limit=nonsync_literal_limit(upstream.capabilities),
+        )
+        self.framer.receive_data(client_buffered)
+        self.scanner = ResponseScanner(max_line=limits.max_line)
+        self._out_lock = trio.Lock()
+        self._continued = trio.Event()
+        self._end: _End | None = None
+        self.bye_seen = False
+        self.logout_sent = False
+        self.selected: str | None = None
+        self._selecting: dict[bytes, str | None] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> str:
+        """Relay until one side ends; return the outcome (``logout``, ``client_gone`` …)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard, self._client_to_upstream, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._upstream_to_client, nursery.cancel_scope)
+            end = self._end or _End("closed")
+            await self._finish(end)
+            return end.outcome
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._up_stream)
+
+    async def _guard(self, task: Any, scope: trio.CancelScope) -> None:
+        try:
+            await task()
+        except _End as end:
+            if self._end is None:
+                self._end = end
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if self._end is None:
+                self._end = _End("client_gone")
+        scope.cancel()
+
+    async def _finish(self, end: _End) -> None:
+        if end.outcome in ("client_gone", "timeout", "protocol_error"):
+            # The client left or must go: say goodbye if possible, log the upstream out politely.
+            if end.farewell and self.scanner.at_boundary:
+                await self._send_farewell(bye(end.farewell))
+            with trio.move_on_after(LOGOUT_TIMEOUT) as scope:
+                scope.shield = True
+                try:
+                    await self._up_stream.send_all(b"ZZ LOGOUT\r\n")
+                    while await self._up_stream.receive_some(RECEIVE_SIZE):
+                        pass
+                except (*_UPSTREAM_GONE, OSError):
+                    pass
+        elif not self.bye_seen and self.scanner.at_boundary and end.farewell:
+            await self._send_farewell(bye(end.farewell))
+        log.info("imap %s: %s session ended (%s)", self.client.peer, self.user, end.outcome)
+
+    async def _send_farewell(self, data: bytes) -> None:
+        with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self.client.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _answer_client(self, data: bytes) -> None:
+        """Send mailgate's own response between two upstream responses."""
+        with trio.fail_after(FAREWELL_TIMEOUT):
+            async with self._out_lock:
+                await self.client.send_all(data)
+
+    # ------------------------------------------------------------------ client → upstream
+
+    async def _client_to_upstream(self) -> None:
+        out = bytearray()
+        while True:
+            await self._drain_framer(out)
+            if out:
+                await self._send_upstream(out)
+                out = bytearray()
+            with trio.move_on_after(self.limits.imap_idle_timeout) as idle:
+                data = await self.client.receive_some(RECEIVE_SIZE)
+            if idle.cancelled_caught:
+                raise _End("timeout", "Autologout: idle for too long.")
+            if not data:
+                raise _End("client_gone")
+            self.framer.receive_data(data)
+
+    async def _drain_framer(self, out: bytearray) -> None:
+        while True:
+            try:
+                event = self.framer.next_event()
+            except ProtocolError as exc:
+                raise _End("protocol_error", f"{str(exc).capitalize()}.") from None
+            if event is NEED_DATA:
+                return
+            if isinstance(event, CommandLine):
+                reason = REFUSED.get(event.name)
+                if reason is not None:
+                    self.framer.refuse_command()
+                    await self._answer_client(tagged(event.tag, "BAD", reason))
+                    continue
+                self._track(event)
+                out += event.data
+            elif isinstance(event, Forward):
+                out += event.data
+            elif isinstance(event, AwaitContinuation):
+                await self._send_upstream(out)
+                out.clear()
+                with trio.move_on_after(self.limits.upstream_command_timeout):
+                    await self._continued.wait()
+                if self.framer.awaiting_continuation:
+                    raise _End("upstream_timeout", "Upstream server did not answer in time.")
+                self._continued = trio.Event()
+            if len(out) >= WRITE_BATCH:
+                await self._send_upstream(out)
+                out.clear()
+
+    async def _send_upstream(self, data: bytearray) -> None:
+        if not data:
+            return
+        try:
+            await self._up_stream.send_all(bytes(data))
+        except _UPSTREAM_GONE:
+            raise _End("upstream_closed", "Upstream server closed the connection.") from None
+
+    def _track(self, line: CommandLine) -> None:
+        """Keep the little state worth knowing: LOGOUT sent, the selected mailbox."""
+        if line.name == b"LOGOUT":
+            self.logout_sent = True
+        elif line.name in (b"SELECT", b"EXAMINE"):
+            args = parse_arguments(line.arguments) if line.literal is None else None
+            mailbox = bytes(args[0]).decode("utf-8", "replace") if args and not isinstance(args[0], tuple) else None
+            self._selecting[line.tag] = mailbox
+        elif line.name in (b"CLOSE", b"UNSELECT"):
+            self._selecting[line.tag] = None
+
+    # ------------------------------------------------------------------ upstream → client
+
+    async def _upstream_to_client(self) -> None:
+        batch = bytearray()
+        holding = False  # the output lock, held while a response is partly written
+        try:
+            while True:
+                data, self._up_pending = self._up_pending, b""
+                if not data:
+                    data = await self._receive_upstream()
+                try:
+                    items = self.scanner.feed(data)
+                except UpstreamProtocolError as exc:
+                    log.warning("imap %s: %s: %s", self.client.peer, self.user, exc)
+                    raise _End("upstream_error") from None
+                for item in items:
+                    if isinstance(item, (bytes, memoryview)):
+                        batch += item
+                    else:
+                        if self._on_event(item):
+                            batch += item.data
+                if batch and (len(batch) >= WRITE_BATCH or self.scanner.at_boundary):
+                    if not holding:
+                        await self._out_lock.acquire()
+                        holding = True
+                    await self.client.send_all(batch)
+                    batch = bytearray()
+                if holding and self.scanner.at_boundary:
+                    self._out_lock.release()
+                    holding = False
+        finally:
+            if holding:
+                self._out_lock.release()
+
+    async def _receive_upstream(self) -> bytes:
+        try:
+            data = await self._up_stream.receive_some(RECEIVE_SIZE)
+        except (*_UPSTREAM_GONE, OSError):
+            data = b""
+        if not data:
+            if self.bye_seen:
+                raise _End("logout" if self.logout_sent else "upstream_closed")
+            raise _End("upstream_closed", "Upstream server closed the connection.")
+        return data
+
+    def _on_event(self, event: Continuation | Tagged | Bye) -> bool:
+        """React to a continuation/tagged/BYE line; return whether to relay it."""
+        if isinstance(event, Continuation):
+            ours = self.framer.continuation_seen()
+            if ours:
+                self._continued.set()
+            return not ours
+        if isinstance(event, Tagged):
+            was_waiting = self.framer.awaiting_continuation
+            self.framer.command_finished(event.tag)
+            if was_waiting and not self.framer.awaiting_continuation:
+                self._continued.set()
+            if event.tag in self._selecting:
+                mailbox = self._selecting.pop(event.tag)
+                self.selected = mailbox if event.status == b"OK" else None
+            return True
+        self.bye_seen = True
+        return True
