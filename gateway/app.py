@@ -43,7 +43,9 @@ def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
                 info.ca_file,
                 info.sha256_fingerprint,
             )
-    ctx = GatewayContext(config=config, accounts=AccountManager(config), events=EventBus())
+    events = EventBus()
+    accounts = AccountManager(config, events=events)
+    ctx = GatewayContext(config=config, accounts=accounts, events=events)
     return ctx, GatewayServer(ctx)
 
 

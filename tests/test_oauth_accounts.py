@@ -244,3 +244,29 @@ async def test_store_schema_is_what_the_docs_say(seeded):
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     db.close()
     assert tables == {"accounts", "secrets", "status"}
+
+
+async def test_token_events_and_config_reload(idp, seeded, tmp_path):
+    from gateway.events import EventBus
+
+    config, refresh_token = seeded
+    events = EventBus()
+    manager = AccountManager(config, events=events)
+    account = await manager.login("alice", PASSWORD)
+    await account.access_token()
+    assert [(e["type"], e["user"]) for e in events.recent] == [("token.refreshed", "alice")]
+    # SIGHUP with the same config keeps the account (and its cached token) ...
+    manager.update_config(config)
+    assert manager.account("alice") is account
+    # ... a changed provider gives new sessions a new Account that is still unlocked
+    changed = make_config(idp, config.server.state_dir, provider={"scopes": ["mail", "more"]})
+    manager.update_config(changed)
+    fresh = manager.account("alice")
+    assert fresh is not account and fresh.unlocked and fresh.provider.scopes == ["mail", "more"]
+    idp.revoke(refresh_token)
+    with pytest.raises(ReauthorizationRequired):
+        await fresh.access_token()
+    assert events.recent[-1]["type"] == "token.failed"
+    assert events.recent[-1]["reason"] == "reauthorization_required"
+    for event in events.recent:
+        assert refresh_token not in repr(event)

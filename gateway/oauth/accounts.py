@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
@@ -56,6 +56,9 @@ from .tokens import TokenCache
 
 if TYPE_CHECKING:
     from ..config import Config, Limits, ProviderConfig, UserConfig
+    from ..events import EventBus
+
+Publish = Callable[[dict[str, Any]], Any]
 
 log = logging.getLogger("mailgate.oauth")
 T = TypeVar("T")
@@ -73,7 +76,7 @@ class Account:
 
     def __init__(
         self, name: str, user: "UserConfig", provider: "ProviderConfig", *,
-        store: StateStore, limits: "Limits",
+        store: StateStore, limits: "Limits", publish: Publish | None = None,
     ):
         self.name = name
         self.user = user
@@ -86,6 +89,7 @@ class Account:
         self._dead_grant: float | None = None  # `updated` of a stored token the IdP refused
         self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
         self._status_written: str | None = None
+        self._publish = publish
         self.login_lock = trio.Lock()
 
     def __repr__(self) -> str:
@@ -145,12 +149,28 @@ class Account:
                 raise TemporaryFailure(f"identity provider: {exc}") from None
             log.warning("account %s: identity provider refused the grant: %s", self.name, exc)
             await self._record_status(STATUS_NEEDS_REAUTHORIZATION, exc.error)
+            self._event("token.failed", reason="reauthorization_required")
             raise ReauthorizationRequired(self.name, exc.error) from None
+        except ReauthorizationRequired:
+            self._event("token.failed", reason="reauthorization_required")
+            raise
         except TemporaryFailure as exc:
             log.warning("account %s: token request failed: %s", self.name, exc)
+            self._event("token.failed", reason="temporary")
             raise
         await self._record_status(STATUS_OK, "")
+        self._event("token.refreshed")
         return answer
+
+    def _event(self, kind: str, **fields: str) -> None:
+        if self._publish is not None:
+            self._publish({"type": kind, "user": self.name, "provider": self.provider.name,
+                           **fields})
+
+    def carry_over(self, previous: "Account") -> None:
+        """After a config reload: keep the unlocked data key of the same user and provider."""
+        if previous.provider.name == self.provider.name:
+            self._data_key = previous._data_key
 
     async def _refresh(self, timeout: float) -> TokenResponse:
         stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)
@@ -243,25 +263,52 @@ class Account:
 class AccountManager:
     """Local logins and the :class:`Account` objects, one per configured user."""
 
-    def __init__(self, config: "Config", *, store: StateStore | None = None):
+    def __init__(
+        self, config: "Config", *, store: StateStore | None = None,
+        events: "EventBus | None" = None,
+    ):
         self.config = config
         self.limits = config.limits
         self.store = store if store is not None else StateStore(config.server.state_dir)
         self.kdf = KdfPool(config.limits.kdf_concurrency)
         self.credentials = CredentialCache()
+        self.events = events
         self._accounts: dict[str, Account] = {}
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
 
-    def account(self, name: str) -> Account:
+    def update_config(self, config: "Config") -> None:
+        """SIGHUP: new sessions see the new users and providers. Sessions already running keep
+        their Account objects; unchanged accounts keep their cached tokens."""
+        old_accounts, self._accounts = self._accounts, {}
+        for name, account in old_accounts.items():
+            user = config.users.get(name)
+            if user is None:
+                continue
+            if user == account.user and config.provider_for(user) == account.provider:
+                self._accounts[name] = account
+            else:
+                self.account(name, config=config).carry_over(account)
+        if config.limits.kdf_concurrency != self.limits.kdf_concurrency:
+            self.kdf = KdfPool(config.limits.kdf_concurrency)
+        self.config, self.limits = config, config.limits
+        self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
+
+    def account(self, name: str, *, config: "Config | None" = None) -> Account:
         """The Account of a configured user (KeyError if there is none)."""
         account = self._accounts.get(name)
         if account is None:
-            user = self.config.users[name]
+            config = config or self.config
+            user = config.users[name]
             account = Account(
-                name, user, self.config.provider_for(user), store=self.store, limits=self.limits
+                name, user, config.provider_for(user), store=self.store, limits=config.limits,
+                publish=self._publish,
             )
             self._accounts[name] = account
         return account
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        if self.events is not None:
+            self.events.publish(event)
 
     def resolve(self, username: str) -> str | None:
         """The ``[users.X]`` key a client's login name refers to, if any."""
