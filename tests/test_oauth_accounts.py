@@ -270,3 +270,23 @@ async def test_token_events_and_config_reload(idp, seeded, tmp_path):
     assert events.recent[-1]["reason"] == "reauthorization_required"
     for event in events.recent:
         assert refresh_token not in repr(event)
+
+
+async def test_nothing_secret_is_logged_at_any_level(idp, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    config = make_config(idp, tmp_path)
+    _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
+    await _seed(config, refresh_token)
+    idp.rotate_refresh_tokens = True
+    manager = AccountManager(config)
+    account = await manager.login("alice", PASSWORD)
+    await account.access_token()
+    await account.access_token(force_refresh=True)
+    with pytest.raises(AuthenticationFailed):
+        await manager.login("alice", "a wrong password")
+    idp.fail_mode = ("status", 503)
+    with pytest.raises(TemporaryFailure):
+        await account.access_token(force_refresh=True)
+    assert "rotated refresh token saved" in caplog.text  # the log does say what happened
+    for secret in [*idp.all_secrets(), PASSWORD, "a wrong password"]:
+        assert secret not in caplog.text
