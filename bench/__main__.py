@@ -1,0 +1,219 @@
+"""``python -m bench``: start the lab and mailgate, measure every figure, print and save the table.
+
+Theory of operation
+-------------------
+1. The lab (Dovecot + OAuth server) starts in its own process (:mod:`bench.labproc`).
+2. The mailboxes the selected figures need are seeded (big messages, 10,000 small ones).
+3. mailgate is configured against the lab, its accounts are authorized through its CLI, and
+   it starts as a separate process (:mod:`bench.gateway_proc`); a front end that does not
+   import gets no listener and its figures say ``n/a``.
+4. Every mailgate account logs in once (so "token cached" holds), then the figures run in
+   order (:mod:`bench.figures`); a figure that fails outright becomes an ``n/a`` row.
+5. The table goes to stdout, the JSON to ``bench/results/latest.json``; progress to stderr.
+
+Everything started is stopped on every path (context managers); the work directory (config,
+state, certificates, mailgate's log) is removed unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench import seeding
+from bench.figures import (
+    BIG_TRANSFER,
+    FIGURES,
+    HUGE_TRANSFER,
+    MAILBOXES_FOR,
+    BenchEnv,
+    NoTarget,
+    Settings,
+    gateway_users,
+    machine_description,
+    reason,
+    upstream_name,
+)
+from bench.gateway_proc import (
+    GatewayProcess,
+    authorize_users,
+    free_port,
+    missing_frontends,
+    write_config,
+)
+from bench.labproc import LabInfo, LabProcess
+from bench.load import LoadPool
+from bench.stats import Figure, Measurement, format_table, to_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
+#: Mailboxes seeded at once (each seeding is one IMAPS session to the lab).
+SEED_PARALLEL = 4
+#: Size range of the POP3 figure's small messages (varied, deterministic).
+POP_MESSAGE_MIN = 1024
+POP_MESSAGE_SPREAD = 2048
+
+_started = time.monotonic()
+
+
+def progress(text: str) -> None:
+    print(f"[{time.monotonic() - _started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def parse_only(text: str | None) -> list[int]:
+    """``"1,5,7"`` -> ``[1, 5, 7]``; ``None`` -> every figure. Raises ValueError."""
+    if not text:
+        return sorted(FIGURES)
+    chosen = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) not in FIGURES:
+            raise ValueError(f"no figure {part!r} (figures are {min(FIGURES)}..{max(FIGURES)})")
+        chosen.add(int(part))
+    return sorted(chosen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure mailgate against a real Dovecot baseline (see bench/README.md).",
+    )
+    parser.add_argument("--only", metavar="N,N", help="run only these figures, e.g. 1,5")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer samples and sessions (a smoke run, ~1 minute)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (mailgate config, state, log)")
+    return parser
+
+
+def _pop_messages(count: int) -> Iterator[bytes]:
+    for n in range(count):
+        yield seeding.small_message(n, POP_MESSAGE_MIN + (n * 37) % POP_MESSAGE_SPREAD)
+
+
+def seed(info: LabInfo, groups: set[str], settings: Settings) -> None:
+    jobs = []
+    if "small" in groups:
+        jobs.append(lambda: seeding.bulk_append(info, upstream_name("small"),
+                                                iter([seeding.small_message(0)])))
+    if "big20" in groups:
+        jobs.append(lambda: seeding.append_big(info, upstream_name("big20"), BIG_TRANSFER))
+    if "big50" in groups:
+        jobs.append(lambda: seeding.append_big(info, upstream_name("big50"), HUGE_TRANSFER))
+    if "pop" in groups:
+        for twin in ("pop-direct", "pop-gw"):
+            jobs.append(lambda twin=twin: seeding.bulk_append(
+                info, upstream_name(twin), _pop_messages(settings.pop_messages)))
+    with ThreadPoolExecutor(SEED_PARALLEL) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def dovecot_version() -> str:
+    try:
+        done = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
+                              timeout=10)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def warm_up(env: BenchEnv) -> None:
+    """One login per mailgate account: the password check and the access token get cached."""
+    for name in env.users:
+        try:
+            if env.why_not("imap") is None:
+                env.gateway_imap(name).logout()
+            elif env.why_not("pop3") is None:
+                env.gateway_pop3(name).quit()
+        except Exception as exc:  # noqa: BLE001 - the figures will say what fails
+            progress(f"warm-up login of {name} through mailgate failed: {reason(exc)}")
+
+
+def run_figure(number: int, env: BenchEnv) -> list[Figure]:
+    try:
+        return FIGURES[number](env)
+    except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the others
+        title = (FIGURES[number].__doc__ or FIGURES[number].__name__).strip().splitlines()[0]
+        missing = Measurement.missing(reason(exc))
+        return [Figure(str(number), title, "-", missing, missing, NoTarget())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        selected = parse_only(args.only)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    settings = Settings.quick_mode() if args.quick else Settings.full()
+    python = sys.executable
+    workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    groups = set().union(*(MAILBOXES_FOR[n] for n in selected))
+    figures: list[Figure] = []
+    with ExitStack() as stack:
+        if not args.keep:
+            stack.callback(shutil.rmtree, workdir, True)
+        progress("starting the lab (Dovecot + OAuth server)")
+        lab = stack.enter_context(LabProcess(python, ROOT))
+        assert lab.info is not None
+        info = lab.info
+        pool = stack.enter_context(LoadPool())
+        progress(f"seeding mailboxes: {', '.join(sorted(groups))}")
+        seed(info, groups, settings)
+        users = gateway_users(groups)
+        unavailable = missing_frontends(python, ROOT)
+        for protocol, why in unavailable.items():
+            progress(f"mailgate {protocol}: n/a ({why})")
+        ports = {p: free_port() for p in ("imap", "pop3") if p not in unavailable}
+        gateway: GatewayProcess | None = None
+        if ports:
+            config = write_config(workdir, info, users, ports)
+            progress(f"authorizing {len(users)} mailgate accounts (mailgate authorize)")
+            try:
+                authorize_users(python, ROOT, config, users,
+                                lambda upstream: lab.issue_tokens(upstream)[1])
+                progress("starting mailgate (python -m gateway serve)")
+                gateway = stack.enter_context(
+                    GatewayProcess(python, ROOT, config, ports.values()))
+            except Exception as exc:  # noqa: BLE001 - baselines are still worth measuring
+                unavailable["*"] = reason(exc)
+                progress(f"mailgate not running: {reason(exc)}")
+        else:
+            unavailable["*"] = "no front end imports"
+        env = BenchEnv(lab, info, settings, {u.name: u for u in users}, gateway, unavailable,
+                       pool, gateway_ports=ports)
+        if gateway is not None:
+            warm_up(env)
+        for number in selected:
+            progress(f"figure {number}: {FIGURES[number].__name__}")
+            figures += run_figure(number, env)
+        if args.keep:
+            progress(f"work directory kept: {workdir}")
+    table = format_table(figures)
+    print(table)
+    document = to_json(figures, machine_description(dovecot_version()), {
+        "quick": settings.quick, **{k: v for k, v in vars(settings).items()},
+        "only": selected, "seconds": round(time.monotonic() - _started, 1),
+    })
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(document, indent=2) + "\n")
+    progress(f"done; results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
