@@ -1,0 +1,501 @@
+"""The translation of a POP3 maildrop onto one upstream IMAP mailbox.
+
+Theory of operation
+===================
+
+A :class:`Maildrop` is what a POP3 session sees after login. It keeps RFC 1939's rules on
+top of IMAP:
+
+* **Snapshot at login.** :meth:`Maildrop.open` SELECTs the user's ``pop3_mailbox``
+  (INBOX unless configured) and fetches every message's UID and RFC822.SIZE in one
+  ``UID FETCH 1:* (UID RFC822.SIZE)``. Message numbers 1..N refer to that snapshot for
+  the whole session; mail arriving meanwhile waits for the next session, mail removed by
+  another client answers ``-ERR`` for its number while the session goes on.
+* **DELE only marks.** DELE and RSET change nothing upstream. Marked messages drop out of
+  STAT, LIST and UIDL, and any command naming one gets ``-ERR``.
+* **Only QUIT in TRANSACTION changes the mailbox** (:meth:`Maildrop.commit`). With
+  ``pop3_delete = "expunge"`` (default) it runs ``UID STORE <uids> +FLAGS.SILENT
+  (\\Deleted)`` then ``UID EXPUNGE <uids>`` (UIDPLUS, RFC 4315) for exactly the marked
+  UIDs, so a message another client flagged \\Deleted is never expunged by mailgate.
+  Without UIDPLUS it moves the messages to the \\Trash special-use mailbox when the server
+  has MOVE and one, and otherwise refuses (nothing is deleted, QUIT says so).
+  ``"trash"`` moves them to \\Trash (how a delete really deletes on Gmail, where expunging
+  from INBOX only archives); ``"keep"`` only marks them \\Seen. A session that ends any
+  other way (dropped connection, timeout, upstream failure, QUIT before login) never
+  reaches :meth:`Maildrop.commit`, so nothing is deleted.
+* **\\Seen on RETR, not TOP.** RETR fetches ``BODY.PEEK[]`` and, once the whole message
+  went out, stores ``+FLAGS.SILENT (\\Seen)``, as a POP3 download would. TOP never marks.
+* **Streaming.** Bodies flow chunk by chunk from the upstream literal through the sans-IO
+  :class:`~gateway.protocol.pop3.MessageEncoder` to the client; no message is held in
+  memory. TOP of a big message reads it in growing ``BODY.PEEK[]<offset.length>`` windows
+  and stops as soon as the header and *k* body lines are out.
+* **UIDL** is unique and stable across sessions, 1-70 characters of 0x21-0x7E: Dovecot's
+  default ``%08Xu%08Xv`` form (UID, then UIDVALIDITY, 8 lower-case hex digits each, the
+  same value Dovecot's own POP3 server gives) or, when the server has X-GM-EXT-1 (Gmail),
+  ``GmailId`` + the hex X-GM-MSGID, which survives a UIDVALIDITY change.
+* **Sizes.** POP3 sizes must be the octets RETR sends (CRLF line ends, before
+  byte-stuffing). IMAP's RFC822.SIZE is meant to be exactly that (RFC 9051 §2.3.4), but
+  some servers get it wrong. Every complete RETR measures the real count; when it
+  differs, the session's listing is corrected and the value is remembered per
+  (UIDVALIDITY, UID) in a small file under ``state_dir/pop3/`` (:class:`SizeCache`) so
+  later sessions report the exact size from the start. *Remaining edge:* a message whose
+  RFC822.SIZE is wrong and that was never downloaded through mailgate is listed with the
+  server's figure until its first RETR. (The final CRLF added to a message that lacks one
+  is part of the terminator and not counted, as with Dovecot.)
+* **One POP3 session per account** (RFC 1939 §8's exclusive-access lock):
+  :class:`MaildropLock` is an ``flock`` on ``state_dir/pop3/<account>.lock``, held from
+  login to the end of the session; a second session gets ``-ERR [IN-USE]``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..errors import MailgateError, UpstreamError
+from ..protocol import pop3
+
+log = logging.getLogger("mailgate.pop3")
+
+#: TOP of a message larger than this reads it in windows instead of fetching it whole.
+TOP_FIRST_WINDOW = 64 * 1024
+#: Largest window TOP asks for (windows double from TOP_FIRST_WINDOW up to this).
+TOP_MAX_WINDOW = 1024 * 1024
+#: Longest UID set written into one UID STORE/EXPUNGE/MOVE command.
+MAX_UID_SET_CHARS = 4000
+#: At most this many exact sizes are remembered per account.
+MAX_SIZE_CACHE_ENTRIES = 100_000
+#: Sub-directory of ``state_dir`` holding the size caches and locks.
+STATE_SUBDIR = "pop3"
+#: The UIDL prefix for Gmail's X-GM-MSGID.
+GMAIL_UIDL_PREFIX = "GmailId"
+
+SEEN = rb"+FLAGS.SILENT (\Seen)"
+DELETED = rb"+FLAGS.SILENT (\Deleted)"
+TRASH = "\\Trash"
+
+
+class MessageUnavailable(MailgateError):
+    """A command named a message that does not exist, is marked deleted or vanished upstream."""
+
+
+class CommitRefused(MailgateError):
+    """QUIT could not apply the deletions (nothing was deleted); ``str()`` says why."""
+
+
+@dataclass
+class Message:
+    number: int
+    uid: int
+    size: int
+    uidl: str
+    deleted: bool = False
+
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+# -- per-account state on disk ---------------------------------------------------------
+
+
+def _state_path(state_dir: Path, account: str, suffix: str) -> Path:
+    return state_dir / STATE_SUBDIR / (urllib.parse.quote(account, safe="") + suffix)
+
+
+class MaildropLock:
+    """An exclusive, non-blocking lock on one account's maildrop (across processes too)."""
+
+    def __init__(self, state_dir: Path, account: str) -> None:
+        self.path = _state_path(state_dir, account, ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> MaildropLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class SizeCache:
+    """Exact POP3 sizes per (UIDVALIDITY, UID) for one account, in a small JSON file.
+
+    Only sizes that differ from the server's RFC822.SIZE are stored, and entries for
+    messages no longer in the mailbox are dropped at every session start, so the file
+    stays tiny. A damaged file is ignored (sizes fall back to RFC822.SIZE).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sizes: dict[str, int] = {}
+        self._dirty = False
+
+    @classmethod
+    def for_account(cls, state_dir: Path, account: str) -> SizeCache:
+        return cls(_state_path(state_dir, account, ".sizes.json"))
+
+    @staticmethod
+    def _key(uidvalidity: int, uid: int) -> str:
+        return f"{uidvalidity}:{uid}"
+
+    async def load(self) -> None:
+        self._sizes = await trio.to_thread.run_sync(self._read)
+
+    def _read(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable POP3 size cache %s: %s", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+    def get(self, uidvalidity: int, uid: int) -> int | None:
+        return self._sizes.get(self._key(uidvalidity, uid))
+
+    def put(self, uidvalidity: int, uid: int, size: int, *, server_size: int) -> None:
+        key = self._key(uidvalidity, uid)
+        if size == server_size:
+            if self._sizes.pop(key, None) is not None:
+                self._dirty = True
+            return
+        if self._sizes.get(key) != size and len(self._sizes) < MAX_SIZE_CACHE_ENTRIES:
+            self._sizes[key] = size
+            self._dirty = True
+
+    def retain(self, uidvalidity: int, uids: Iterable[int]) -> None:
+        keep = {self._key(uidvalidity, uid) for uid in uids}
+        kept = {k: v for k, v in self._sizes.items() if k in keep}
+        if len(kept) != len(self._sizes):
+            self._sizes = kept
+            self._dirty = True
+
+    async def save(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            await trio.to_thread.run_sync(self._write, dict(self._sizes))
+
+    def _write(self, sizes: dict[str, int]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sizes, separators=(",", ":")))
+        os.replace(tmp, self.path)
+
+
+# -- UID sets and UIDL ------------------------------------------------------------------
+
+
+def uid_sets(uids: Iterable[int], max_chars: int = MAX_UID_SET_CHARS) -> list[bytes]:
+    """Compact IMAP sequence sets (``1:5,9``) for ``uids``, each at most ``max_chars`` long."""
+    ordered = sorted(set(uids))
+    ranges: list[str] = []
+    start = prev = None
+    for uid in ordered:
+        if prev is not None and uid == prev + 1:
+            prev = uid
+            continue
+        if start is not None:
+            ranges.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = uid
+    if start is not None:
+        ranges.append(f"{start}:{prev}" if start != prev else str(start))
+    sets: list[bytes] = []
+    current: list[str] = []
+    length = 0
+    for item in ranges:
+        if current and length + 1 + len(item) > max_chars:
+            sets.append(",".join(current).encode("ascii"))
+            current, length = [], 0
+        current.append(item)
+        length += len(item) + (1 if length else 0)
+    if current:
+        sets.append(",".join(current).encode("ascii"))
+    return sets
+
+
+def default_uidl(uidvalidity: int, uid: int) -> str:
+    """Dovecot's default POP3 UIDL, ``%08Xu%08Xv`` (16 hex digits for 32-bit values)."""
+    return f"{uid:08x}{uidvalidity:08x}"
+
+
+def gmail_uidl(msgid: int) -> str:
+    return f"{GMAIL_UIDL_PREFIX}{msgid:x}"
+
+
+def valid_uidl(uidl: str) -> bool:
+    return 1 <= len(uidl) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uidl)
+
+
+# -- the maildrop -----------------------------------------------------------------------
+
+
+class Maildrop:
+    """The POP3 view of one mailbox for one session (see the module docstring)."""
+
+    def __init__(
+        self,
+        upstream: Any,
+        *,
+        mailbox: str,
+        delete_mode: str,
+        uidvalidity: int,
+        messages: list[Message],
+        server_sizes: dict[int, int],
+        size_cache: SizeCache,
+    ) -> None:
+        self._upstream = upstream
+        self.mailbox = mailbox
+        self.delete_mode = delete_mode
+        self.uidvalidity = uidvalidity
+        self.messages = messages
+        self._server_sizes = server_sizes
+        self._sizes = size_cache
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(
+        cls, upstream: Any, *, mailbox: str, delete_mode: str, size_cache: SizeCache
+    ) -> Maildrop:
+        """SELECT ``mailbox`` and take the snapshot of UIDs, sizes and UIDLs."""
+        info = await upstream.select(mailbox)
+        uidvalidity = int(info.uidvalidity)
+        sizes: list[tuple[int, int]] = await upstream.fetch_sizes() if info.exists else []
+        gmail_ids = await cls._gmail_ids(upstream, [uid for uid, _ in sizes])
+        await size_cache.load()
+        size_cache.retain(uidvalidity, (uid for uid, _ in sizes))
+        messages = []
+        for number, (uid, server_size) in enumerate(sizes, start=1):
+            exact = size_cache.get(uidvalidity, uid)
+            uidl = gmail_uidl(gmail_ids[uid]) if uid in gmail_ids else default_uidl(uidvalidity, uid)
+            messages.append(Message(number, uid, server_size if exact is None else exact, uidl))
+        await size_cache.save()
+        return cls(
+            upstream,
+            mailbox=mailbox,
+            delete_mode=delete_mode,
+            uidvalidity=uidvalidity,
+            messages=messages,
+            server_sizes=dict(sizes),
+            size_cache=size_cache,
+        )
+
+    @staticmethod
+    async def _gmail_ids(upstream: Any, uids: list[int]) -> dict[int, int]:
+        if not uids or "X-GM-EXT-1" not in upstream.capabilities:
+            return {}
+        attrs = await upstream.fetch_attrs(uids, b"X-GM-MSGID")
+        ids: dict[int, int] = {}
+        for uid, values in attrs.items():
+            msgid = values.get(b"X-GM-MSGID", values.get("X-GM-MSGID"))
+            if msgid is not None:
+                ids[uid] = int(msgid)
+        return ids
+
+    # ------------------------------------------------------------------ listings
+
+    def get(self, number: int) -> Message:
+        if not 1 <= number <= len(self.messages):
+            raise MessageUnavailable("No such message")
+        message = self.messages[number - 1]
+        if message.deleted:
+            raise MessageUnavailable("Message is deleted")
+        return message
+
+    def visible(self) -> list[Message]:
+        return [m for m in self.messages if not m.deleted]
+
+    def stat(self) -> tuple[int, int]:
+        visible = self.visible()
+        return len(visible), sum(m.size for m in visible)
+
+    def delete(self, number: int) -> None:
+        self.get(number).deleted = True
+
+    def reset(self) -> None:
+        for message in self.messages:
+            message.deleted = False
+
+    @property
+    def marked(self) -> list[Message]:
+        return [m for m in self.messages if m.deleted]
+
+    # ------------------------------------------------------------------ RETR and TOP
+
+    async def send(self, number: int, sink: Sink, *, top_lines: int | None = None) -> None:
+        """Stream message ``number`` as a complete POP3 answer (``+OK``, body, ``.``) to ``sink``.
+
+        Raises :class:`MessageUnavailable` before anything was written when the message
+        is unknown, marked deleted or gone upstream. An upstream failure after the ``+OK``
+        went out propagates (the client then sees the connection end without ".").
+        """
+        message = self.get(number)
+        answer = _Answer(sink, pop3.ok(f"{message.size} octets" if top_lines is None else ""))
+        encoder = pop3.MessageEncoder(top_lines)
+        if top_lines is None or message.size <= TOP_FIRST_WINDOW:
+            await self._stream(message, answer, encoder, partial=None)
+        else:
+            await self._stream_windows(message, answer, encoder)
+        await answer.write(encoder.finish())
+        if top_lines is None:
+            await self._after_retr(message, encoder.octets)
+
+    async def _stream(
+        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder,
+        partial: tuple[int, int] | None,
+    ) -> int:
+        """Feed one (partial) fetch of ``message`` to ``encoder``; returns the bytes read."""
+        received = 0
+        try:
+            async with self._upstream.stream_body(
+                message.uid, b"BODY.PEEK[]", partial=partial
+            ) as chunks:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    await answer.write(encoder.feed(chunk))
+                    if encoder.done:
+                        break
+        except MessageUnavailable:
+            raise
+        except MailgateError as exc:
+            if not answer.started and not isinstance(exc, UpstreamError):
+                raise MessageUnavailable("Message is no longer available") from exc
+            if not answer.started and _vanished(exc):
+                raise MessageUnavailable("Message is no longer available") from exc
+            raise
+        if not answer.started and received == 0 and partial is None and message.size > 0:
+            raise MessageUnavailable("Message is no longer available")
+        return received
+
+    async def _stream_windows(
+        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder
+    ) -> None:
+        offset, window = 0, TOP_FIRST_WINDOW
+        while not encoder.done:
+            received = await self._stream(message, answer, encoder, partial=(offset, window))
+            if received < window:
+                break  # the end of the message
+            offset += received
+            window = min(window * 2, TOP_MAX_WINDOW)
+
+    async def _after_retr(self, message: Message, octets: int) -> None:
+        await self._upstream.uid_store([message.uid], SEEN)
+        if octets != message.size:
+            log.info(
+                "uid %d: RFC822.SIZE %d but %d POP3 octets; remembering the exact size",
+                message.uid, self._server_sizes.get(message.uid, -1), octets,
+            )
+            message.size = octets
+        server_size = self._server_sizes.get(message.uid, octets)
+        self._sizes.put(self.uidvalidity, message.uid, octets, server_size=server_size)
+        await self._sizes.save()
+
+    # ------------------------------------------------------------------ UPDATE
+
+    async def commit(self) -> str:
+        """Apply the deletions (QUIT in TRANSACTION). Returns the text for ``+OK``.
+
+        Raises :class:`CommitRefused` when the upstream cannot delete safely (nothing is
+        deleted then) and :class:`~gateway.errors.UpstreamError` when it fails.
+        """
+        uids = [m.uid for m in self.marked]
+        if not uids:
+            return "Logging out"
+        if self.delete_mode == "keep":
+            await self._store(uids, SEEN)
+            return f"Logging out, {len(uids)} messages kept and marked seen"
+        if self.delete_mode == "trash":
+            trash = await self._upstream.find_special_use(TRASH)
+            if trash is None:
+                raise CommitRefused("No \\Trash mailbox upstream; no messages deleted")
+            if trash != self.mailbox:
+                await self._move(uids, trash)
+                return f"Logging out, {len(uids)} messages moved to {trash}"
+        await self._expunge(uids)
+        return f"Logging out, {len(uids)} messages deleted"
+
+    async def _expunge(self, uids: list[int]) -> None:
+        caps = self._upstream.capabilities
+        if "UIDPLUS" in caps:
+            await self._store(uids, DELETED)
+            for uid_set in uid_sets(uids):
+                await self._upstream.uid_expunge(uid_set)
+            return
+        trash = await self._upstream.find_special_use(TRASH) if "MOVE" in caps else None
+        if trash is None or trash == self.mailbox:
+            raise CommitRefused(
+                "The upstream server lacks UIDPLUS (and MOVE to \\Trash): "
+                "refusing to expunge, no messages deleted"
+            )
+        await self._move(uids, trash)
+
+    async def _move(self, uids: list[int], mailbox: str) -> None:
+        caps = self._upstream.capabilities
+        if "MOVE" in caps:
+            for uid_set in uid_sets(uids):
+                await self._upstream.uid_move(uid_set, mailbox)
+            return
+        if "UIDPLUS" not in caps:
+            raise CommitRefused(
+                "The upstream server has neither MOVE nor UIDPLUS: no messages moved"
+            )
+        for uid_set in uid_sets(uids):
+            await self._upstream.uid_copy(uid_set, mailbox)
+        await self._store(uids, DELETED)
+        for uid_set in uid_sets(uids):
+            await self._upstream.uid_expunge(uid_set)
+
+    async def _store(self, uids: list[int], flags_op: bytes) -> None:
+        for uid_set in uid_sets(uids):
+            await self._upstream.uid_store(uid_set, flags_op)
+
+
+def _vanished(exc: MailgateError) -> bool:
+    """An upstream answer that says the message is gone rather than the connection."""
+    return bool(getattr(exc, "vanished", False))
+
+
+class _Answer:
+    """Holds the ``+OK`` line back until the first body byte (or the end) is known.
+
+    That way a message that vanished upstream can still be answered with ``-ERR``.
+    """
+
+    def __init__(self, sink: Sink, status_line: bytes) -> None:
+        self._sink = sink
+        self._status_line = status_line
+        self.started = False
+
+    async def write(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            data = self._status_line + data
+        if data:
+            await self._sink(data)

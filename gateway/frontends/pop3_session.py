@@ -1,0 +1,462 @@
+"""The POP3 front end: one client connection, from greeting to QUIT.
+
+Theory of operation
+===================
+
+:func:`handle_pop3` is the thin I/O driver around the sans-IO core
+(:mod:`gateway.protocol.pop3`) and the IMAP translation
+(:mod:`gateway.frontends.pop3_mapping`). It reads client bytes into a
+:class:`~gateway.protocol.pop3.LineReader`, parses each line against the session's
+RFC 1939 state and answers; the server closes the connection when it returns.
+
+AUTHORIZATION
+    CAPA, USER/PASS, AUTH PLAIN (initial response or a ``+`` continuation, ``*``
+    cancels), STLS (only without TLS; everything the client sent after the STLS line is
+    discarded before the handshake, RFC 2595 §3.1), QUIT. Passwords are only accepted
+    over TLS or from the listener's ``plaintext_auth_from`` networks (``-ERR [AUTH]``
+    otherwise, and CAPA then lists neither USER nor SASL). A login checks the local
+    password (``AccountManager.login``), takes the account's exclusive maildrop lock
+    (``-ERR [IN-USE]`` if another POP3 session holds it), logs in upstream and takes the
+    snapshot. Each wait for a line is bounded by ``limits.login_timeout``; after
+    ``limits.max_bad_commands_prelogin`` bad commands or failed logins the connection
+    is closed.
+
+TRANSACTION
+    STAT, LIST, UIDL, RETR, TOP, DELE, RSET, NOOP, CAPA, QUIT. RETR and TOP stream
+    the message through a :class:`BatchedWriter` that sends in writes of at least
+    :data:`WRITE_BATCH` bytes (TLS throughput) and never holds more than about that.
+    Each wait for a command is bounded by ``limits.pop3_idle_timeout``; on expiry the
+    connection is closed without an answer and nothing is deleted (RFC 1939 §3). After
+    ``limits.max_bad_commands`` bad commands the connection is closed.
+
+UPDATE
+    Only QUIT in TRANSACTION applies the deletions (``Maildrop.commit``). Every other
+    end (EOF, timeout, upstream failure, too many bad commands) just closes.
+
+Errors map to RFC 2449/3206 codes: authentication → ``[AUTH]``, IdP or upstream
+unreachable → ``[SYS/TEMP]`` (and the session ends if the upstream connection is
+broken), a message gone upstream → plain ``-ERR`` for that message. If the upstream dies
+in the middle of a RETR the client sees the connection end without the final ".".
+Nothing secret (passwords, tokens, SASL data, message bodies) is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import (
+    AuthenticationFailed,
+    MailgateError,
+    ReauthorizationRequired,
+    TemporaryFailure,
+    UpstreamError,
+)
+from ..protocol import pop3
+from ..protocol.pop3 import Code, Command, State
+from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
+
+if TYPE_CHECKING:
+    from ..context import GatewayContext
+    from ..net import ClientStream
+
+log = logging.getLogger("mailgate.pop3")
+
+#: Outgoing message data is sent in writes of at least this many bytes.
+WRITE_BATCH = 64 * 1024
+#: Read size for client input.
+RECEIVE_SIZE = 65536
+#: The SASL mechanisms offered (APOP and CRAM need the plaintext password: not stored).
+SASL_MECHANISMS = ("PLAIN",)
+IMPLEMENTATION = "mailgate"
+#: Deadline for the polite upstream LOGOUT when a session ends.
+LOGOUT_TIMEOUT = 5.0
+
+GREETING = pop3.ok("mailgate POP3 ready.")
+AUTH_FAILED = pop3.err("Authentication failed.", Code.AUTH)
+REAUTHORIZE = pop3.err(
+    "Authentication failed: the mail account must be authorized again by the administrator.",
+    Code.AUTH,
+)
+TEMP_FAILURE = pop3.err("Temporary failure, try again later.", Code.SYS_TEMP)
+IN_USE = pop3.err("Mailbox is locked by another POP3 session.", Code.IN_USE)
+PLAINTEXT_REFUSED = pop3.err(
+    "Plaintext authentication disallowed on non-secure connections: use STLS.", Code.AUTH
+)
+
+
+async def handle_pop3(stream: "ClientStream", ctx: "GatewayContext") -> None:
+    """Serve one POP3 client (the server closes ``stream`` afterwards)."""
+    await Pop3Session(stream, ctx).run()
+
+
+class _Close(Exception):
+    """End the session now (the answer, if any, was already sent)."""
+
+
+class BatchedWriter:
+    """Collects outgoing bytes and sends them in writes of at least ``batch`` bytes."""
+
+    def __init__(self, stream: "ClientStream", batch: int = WRITE_BATCH) -> None:
+        self._stream = stream
+        self._batch = batch
+        self._buffer = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= self._batch:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            await self._stream.send_all(data)
+
+
+class Pop3Session:
+    def __init__(self, stream: "ClientStream", ctx: "GatewayContext") -> None:
+        self.stream = stream
+        self.ctx = ctx
+        self.limits = ctx.config.limits
+        self.reader = pop3.LineReader()
+        self.state = pop3.SessionState()
+        self.writer = BatchedWriter(stream)
+        self.bad_commands = 0
+        self.account: Any = None
+        self.upstream: Any = None
+        self.maildrop: Maildrop | None = None
+        self.lock: MaildropLock | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        try:
+            await self.send(GREETING)
+            while self.state.state is not State.UPDATE:
+                line = await self.next_line()
+                if line is None:
+                    return
+                await self.dispatch(line)
+        except _Close:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("pop3 %s: client connection lost", self.stream.peer)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.upstream is not None:
+                upstream, self.upstream = self.upstream, None
+                with trio.move_on_after(LOGOUT_TIMEOUT):
+                    try:
+                        await upstream.aclose()
+                    except Exception:  # closing a broken upstream: nothing left to do
+                        log.debug("pop3 %s: upstream close failed", self.stream.peer, exc_info=True)
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    # ------------------------------------------------------------------ I/O
+
+    async def send(self, data: bytes) -> None:
+        await self.writer.write(data)
+        await self.writer.flush()
+
+    def _timeout(self) -> float:
+        if self.state.state is State.TRANSACTION:
+            return self.limits.pop3_idle_timeout
+        return self.limits.login_timeout
+
+    async def next_line(self, *, limit: int = pop3.MAX_COMMAND_LINE) -> bytes | None:
+        """The next client line; ``None`` at EOF or idle timeout (close silently)."""
+        self.reader.limit = limit
+        with trio.move_on_after(self._timeout()):
+            while True:
+                try:
+                    line = self.reader.next_line()
+                except pop3.LineTooLong:
+                    await self.bad(pop3.err(f"Line too long (limit {limit} octets)."))
+                    continue
+                if line is not None:
+                    return line
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return None
+                self.reader.feed(data)
+        log.info("pop3 %s: idle timeout, closing (nothing deleted)", self.stream.peer)
+        return None
+
+    async def bad(self, answer: bytes) -> None:
+        """Answer a bad command and close after too many of them."""
+        self.bad_commands += 1
+        await self.send(answer)
+        limit = (
+            self.limits.max_bad_commands
+            if self.state.state is State.TRANSACTION
+            else self.limits.max_bad_commands_prelogin
+        )
+        if self.bad_commands >= limit:
+            await self.send(pop3.err("Too many bad commands, closing."))
+            raise _Close
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def dispatch(self, line: bytes) -> None:
+        try:
+            command = pop3.parse_command(line, self.state)
+        except pop3.CommandRejected as exc:
+            await self.bad(pop3.err(f"{exc}."))
+            return
+        handler = getattr(self, f"cmd_{command.name.lower()}")
+        try:
+            await handler(command)
+        except MessageUnavailable as exc:
+            await self.send(pop3.err(f"{exc}."))
+        except UpstreamError as exc:
+            log.warning("pop3 %s: upstream failed during %s: %s", self.stream.peer, command.name, exc)
+            await self._try_send(TEMP_FAILURE)
+            raise _Close from None
+        except TemporaryFailure as exc:
+            log.warning("pop3 %s: %s failed for now: %s", self.stream.peer, command.name, exc)
+            await self._try_send(TEMP_FAILURE)
+            raise _Close from None
+
+    async def _try_send(self, data: bytes) -> None:
+        try:
+            await self.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    # ------------------------------------------------------------------ AUTHORIZATION
+
+    async def cmd_capa(self, command: Command) -> None:
+        lines = pop3.capability_lines(
+            state=self.state.state,
+            stls_available=self._stls_available(),
+            user_login_allowed=self.stream.plaintext_auth_allowed(),
+            sasl_mechanisms=SASL_MECHANISMS,
+            implementation=IMPLEMENTATION,
+        )
+        await self.send(pop3.multiline(pop3.ok("Capability list follows"), lines))
+
+    def _stls_available(self) -> bool:
+        return not self.stream.tls_active and self.stream.listener.tls == "starttls"
+
+    async def cmd_stls(self, command: Command) -> None:
+        if not self._stls_available():
+            await self.bad(pop3.err("TLS is already active." if self.stream.tls_active else "STLS is not offered here."))
+            return
+        dropped = self.reader.discard_buffered()
+        if dropped:
+            log.info("pop3 %s: discarded %d bytes sent after STLS", self.stream.peer, dropped)
+        self.state.forget_user()
+        await self.send(pop3.ok("Begin TLS negotiation now."))
+        try:
+            await self.stream.start_tls()
+        except Exception as exc:  # TLSHandshakeFailed and friends: the client is gone
+            log.info("pop3 %s: STLS handshake failed: %s", self.stream.peer, exc)
+            raise _Close from None
+
+    async def cmd_user(self, command: Command) -> None:
+        if not self.stream.plaintext_auth_allowed():
+            await self._refuse_plaintext()
+            return
+        assert command.arg is not None
+        self.state.user_accepted(command.arg)
+        await self.send(pop3.ok())
+
+    async def cmd_pass(self, command: Command) -> None:
+        if not self.stream.plaintext_auth_allowed():
+            await self._refuse_plaintext()
+            return
+        user = self.state.pending_user
+        self.state.forget_user()
+        assert user is not None and command.arg is not None
+        await self.log_in(user, command.arg)
+
+    async def cmd_auth(self, command: Command) -> None:
+        if command.mechanism is None:
+            await self.send(pop3.multiline(pop3.ok(), [m.encode() for m in SASL_MECHANISMS]))
+            return
+        if command.mechanism not in SASL_MECHANISMS:
+            await self.bad(pop3.err("Unsupported authentication mechanism."))
+            return
+        if not self.stream.plaintext_auth_allowed():
+            await self._refuse_plaintext()
+            return
+        response = command.initial_response
+        if response is None:
+            await self.send(pop3.continuation())
+            response = await self.next_line(limit=pop3.MAX_SASL_LINE)
+            if response is None:
+                raise _Close
+            if response.strip() == b"*":
+                await self.bad(pop3.err("Authentication cancelled."))
+                return
+        try:
+            authzid, user, password = pop3.decode_plain(pop3.decode_base64(response.strip()))
+        except pop3.SaslError as exc:
+            await self.bad(pop3.err(f"{exc}.", Code.AUTH))
+            return
+        if authzid and authzid != user:
+            await self.bad(AUTH_FAILED)  # no proxy authorization
+            return
+        await self.log_in(user, password)
+
+    async def _refuse_plaintext(self) -> None:
+        self._publish_failure("-", "plaintext_refused")
+        await self.bad(PLAINTEXT_REFUSED)
+
+    async def cmd_quit(self, command: Command) -> None:
+        if not self.state.quit():
+            await self.send(pop3.ok("Logging out."))
+            return
+        assert self.maildrop is not None
+        try:
+            text = await self.maildrop.commit()
+        except CommitRefused as exc:
+            log.warning("pop3 %s: %s: %s", self.stream.peer, self.account.name, exc)
+            await self.send(pop3.err(f"{exc}.", Code.SYS_PERM))
+            return
+        except MailgateError as exc:
+            log.warning("pop3 %s: %s: deleting failed: %s", self.stream.peer, self.account.name, exc)
+            await self.send(pop3.err("Some deleted messages were not removed.", Code.SYS_TEMP))
+            return
+        await self._logout_upstream()
+        await self.send(pop3.ok(f"{text}."))
+
+    async def _logout_upstream(self) -> None:
+        with trio.move_on_after(LOGOUT_TIMEOUT):
+            try:
+                await self.upstream.logout()
+            except MailgateError:
+                pass
+
+    # ------------------------------------------------------------------ the login
+
+    async def log_in(self, username: str, password: str) -> None:
+        account = None
+        try:
+            account = await self.ctx.accounts.login(username, password)
+            self.lock = MaildropLock(self.ctx.config.server.state_dir, account.name)
+            if not self.lock.acquire():
+                self.lock = None
+                log.info("pop3 %s: %s already has a POP3 session", self.stream.peer, account.name)
+                self._publish_failure(account.name, "in_use")
+                await self.send(IN_USE)
+                return
+            self.upstream = await _open_upstream(account, self.limits)
+            user = account.user
+            self.maildrop = await Maildrop.open(
+                self.upstream,
+                mailbox=user.pop3_mailbox,
+                delete_mode=user.pop3_delete,
+                size_cache=SizeCache.for_account(self.ctx.config.server.state_dir, account.name),
+            )
+        except AuthenticationFailed:
+            self._publish_failure(username, "bad_credentials")
+            log.info("pop3 %s: login failed for %r", self.stream.peer, username)
+            await self.bad(AUTH_FAILED)
+            return
+        except ReauthorizationRequired as exc:
+            await self._release()
+            self._publish_failure(username, "reauthorization_required")
+            log.warning("pop3 %s: %s", self.stream.peer, exc)
+            await self.bad(REAUTHORIZE)
+            return
+        except TemporaryFailure as exc:
+            await self._release()
+            self._publish_failure(username, "temporary")
+            who = account.name if account is not None else username
+            log.warning("pop3 %s: login of %r failed for now: %s", self.stream.peer, who, exc)
+            await self.send(TEMP_FAILURE)
+            return
+        except BaseException:
+            await self._release()
+            raise
+        self.account = account
+        self.state.logged_in()
+        self.bad_commands = 0
+        if hasattr(self.stream, "user"):
+            self.stream.user = account.name
+        count, octets = self.maildrop.stat()
+        self.ctx.events.publish(
+            {"type": "session.authenticated", "protocol": "pop3", "peer": self.stream.peer,
+             "user": account.name}
+        )
+        log.info("pop3 %s: %s logged in, %d messages", self.stream.peer, account.name, count)
+        await self.send(pop3.ok(f"Logged in, {count} messages ({octets} octets)."))
+
+    def _publish_failure(self, user: str, reason: str) -> None:
+        self.ctx.events.publish(
+            {"type": "login.failed", "protocol": "pop3", "peer": self.stream.peer, "user": user,
+             "reason": reason}
+        )
+
+    # ------------------------------------------------------------------ TRANSACTION
+
+    @property
+    def drop(self) -> Maildrop:
+        assert self.maildrop is not None
+        return self.maildrop
+
+    async def cmd_stat(self, command: Command) -> None:
+        count, octets = self.drop.stat()
+        await self.send(pop3.ok(f"{count} {octets}"))
+
+    async def cmd_list(self, command: Command) -> None:
+        if command.msg is not None:
+            message = self.drop.get(command.msg)
+            await self.send(pop3.ok(f"{message.number} {message.size}"))
+            return
+        count, octets = self.drop.stat()
+        lines = (pop3.scan_listing(m.number, m.size) for m in self.drop.visible())
+        await self.send(pop3.multiline(pop3.ok(f"{count} messages ({octets} octets)"), lines))
+
+    async def cmd_uidl(self, command: Command) -> None:
+        if command.msg is not None:
+            message = self.drop.get(command.msg)
+            await self.send(pop3.ok(f"{message.number} {message.uidl}"))
+            return
+        lines = (pop3.scan_listing(m.number, m.uidl) for m in self.drop.visible())
+        await self.send(pop3.multiline(pop3.ok(), lines))
+
+    async def cmd_retr(self, command: Command) -> None:
+        assert command.msg is not None
+        await self._send_message(command.msg, None)
+
+    async def cmd_top(self, command: Command) -> None:
+        assert command.msg is not None
+        await self._send_message(command.msg, command.lines)
+
+    async def _send_message(self, number: int, top_lines: int | None) -> None:
+        try:
+            await self.drop.send(number, self.writer.write, top_lines=top_lines)
+        except UpstreamError as exc:
+            # The answer may be half sent: end the connection without the final ".".
+            log.warning("pop3 %s: upstream failed while sending message %d: %s",
+                        self.stream.peer, number, exc)
+            raise _Close from None
+        await self.writer.flush()
+
+    async def cmd_dele(self, command: Command) -> None:
+        assert command.msg is not None
+        self.drop.delete(command.msg)
+        await self.send(pop3.ok("Marked to be deleted."))
+
+    async def cmd_rset(self, command: Command) -> None:
+        self.drop.reset()
+        count, octets = self.drop.stat()
+        await self.send(pop3.ok(f"{count} messages ({octets} octets)."))
+
+    async def cmd_noop(self, command: Command) -> None:
+        await self.send(pop3.ok())
+
+
+async def _open_upstream(account: Any, limits: Any) -> Any:
+    from ..upstream.login import open_upstream
+
+    return await open_upstream(account, limits)
