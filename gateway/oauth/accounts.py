@@ -9,16 +9,17 @@ ends call :meth:`AccountManager.login` on every client login and get an :class:`
 Login (``login(username, password)``):
 
 1. The user name is a ``[users.X]`` key, or (case-insensitively) that user's ``upstream_user``.
-2. Logins of one account are serialised by a per-account lock, so that five connections opened
-   at once by one phone cost one password derivation, not five.
-3. The verified-credential cache is asked first (HMAC of user, password and stored verifier;
+2. The verified-credential cache is asked first (HMAC of user, password and stored verifier;
    see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation.
-4. Otherwise argon2 verifies the password and, for password-sealed accounts, scrypt unwraps the
-   data key — in a worker thread, bounded by ``limits.kdf_concurrency``. The data key stays in
+3. On a miss, argon2 verifies the password and, for password-sealed accounts, scrypt unwraps
+   the data key, in a worker thread bounded by ``limits.kdf_concurrency``. Derivations of one
+   account are serialised by a per-account lock and the cache is asked again inside it, so five
+   connections opened at once by one phone cost one derivation, not five. The data key stays in
    memory in the :class:`Account` so that its tokens can be refreshed for the sessions.
-5. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
-   ``limits.auth_failure_delay`` and raises the same ``AuthenticationFailed``. A failed login
-   only reads the state store: it never changes a byte of it.
+4. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
+   ``limits.auth_failure_delay`` (outside the lock, so an attacker's failures do not queue a
+   legitimate user's logins behind them) and raises the same ``AuthenticationFailed``. A failed
+   login only reads the state store: it never changes a byte of it.
 
 Tokens (``access_token()``) come from a :class:`~gateway.oauth.tokens.TokenCache` whose mint
 function depends on the provider's flow:
@@ -322,31 +323,45 @@ class AccountManager:
             await self.kdf.run(burn_verification, password)
             await self._fail(username, "unknown user")
         account = self.account(name)
-        async with account.login_lock:
-            record = await self._record(name)
-            if record is None:
-                await self.kdf.run(burn_verification, password)
-                await self._fail(name, f"not authorized yet (run: mailgate authorize {name})")
-            if not (
-                self.credentials.check(name, password, record.password_hash)
-                and (account.unlocked or record.key_wrapping == "keyfile")
-            ):
-                try:
-                    data_key = await self.kdf.run(_unlock, record, password)
-                except SealError as exc:
-                    log.error("account %s: %s", name, exc)
-                    await self._fail(name, "stored credentials do not open")
-                if data_key is None:
-                    await self._fail(name, "wrong password")
-                if data_key:
-                    account.unlock(data_key)
-                self.credentials.remember(name, password, record.password_hash)
+        record = await self._record(name)
+        failure = None
+        if record is None:
+            await self.kdf.run(burn_verification, password)
+            failure = f"not authorized yet (run: mailgate authorize {name})"
+        elif not self._cached(account, record, password):
+            # One derivation at a time per account: concurrent logins with the same password
+            # wait for the first and then hit the cache.
+            async with account.login_lock:
+                if not self._cached(account, record, password):
+                    failure = await self._verify(account, record, password)
+        if failure is not None:  # the failure delay is served outside the lock
+            await self._fail(name, failure)
+        assert record is not None
         if record.provider != account.provider.name:
             raise ReauthorizationRequired(
                 name, f"authorized for provider {record.provider!r}, now {account.provider.name!r}"
             )
         await account.check_usable()
         return account
+
+    def _cached(self, account: Account, record: AccountRecord, password: str) -> bool:
+        return self.credentials.check(account.name, password, record.password_hash) and (
+            account.unlocked or record.key_wrapping == "keyfile"
+        )
+
+    async def _verify(self, account: Account, record: AccountRecord, password: str) -> str | None:
+        """Run the derivation; None on success, else why the login fails (for the log)."""
+        try:
+            data_key = await self.kdf.run(_unlock, record, password)
+        except SealError as exc:
+            log.error("account %s: %s", account.name, exc)
+            return "stored credentials do not open"
+        if data_key is None:
+            return "wrong password"
+        if data_key:
+            account.unlock(data_key)
+        self.credentials.remember(account.name, password, record.password_hash)
+        return None
 
     async def _record(self, name: str) -> AccountRecord | None:
         try:
