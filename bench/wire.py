@@ -10,8 +10,8 @@ a gateway doing 500+ MB/s would look slow through them. These clients are blocki
 * bulk data -- an IMAP ``{n}`` literal, a POP3 multi-line answer -- is read with
   ``recv_into`` into one preallocated buffer and *counted*, never kept or parsed: the client
   costs one TLS decryption and a length check per 16 KiB record. A POP3 answer ends at the
-  first ``CRLF.CRLF`` (dot-stuffing guarantees it cannot occur earlier), and the server sends
-  nothing after it until asked, so only the last five bytes received need checking.
+  first ``CRLF.CRLF`` (dot-stuffing guarantees it cannot occur earlier); it is searched in
+  place in the receive buffer, and bytes after it are kept for the next answer.
 
 Every socket operation has a deadline (:data:`IO_TIMEOUT`). Nothing here logs or prints a
 password or token.
@@ -96,10 +96,13 @@ def xoauth2_initial_response(user: str, token: str) -> bytes:
 class Connection:
     """One TLS connection with a line buffer and a counting bulk reader."""
 
-    def __init__(self, sock: ssl.SSLSocket) -> None:
+    def __init__(self, sock: socket.socket, bulk_size: int = BULK_BUFFER,
+                 line_recv: int = LINE_RECV) -> None:
         self.sock = sock
         self._buffer = bytearray()
-        self._bulk = bytearray(BULK_BUFFER)
+        self._line_recv = line_recv
+        self._bulk_size = bulk_size
+        self._bulk = bytearray(bulk_size)
         self._bulk_view = memoryview(self._bulk)
 
     @classmethod
@@ -125,7 +128,7 @@ class Connection:
         self.sock.sendall(data)
 
     def _fill(self) -> None:
-        data = self.sock.recv(LINE_RECV)
+        data = self.sock.recv(self._line_recv)
         if not data:
             raise ConnectionError("the server closed the connection")
         self._buffer += data
@@ -148,14 +151,15 @@ class Connection:
         del self._buffer[:taken]
         remaining = count - taken
         while remaining:
-            n = self.sock.recv_into(self._bulk_view, min(remaining, BULK_BUFFER))
+            n = self.sock.recv_into(self._bulk_view, min(remaining, self._bulk_size))
             if not n:
                 raise ConnectionError("the server closed the connection inside a literal")
             remaining -= n
 
     def discard_multiline(self) -> int:
         """Read a POP3 multi-line answer's body up to and including its terminator (the status
-        line already read); return the bytes read. Bytes after the terminator stay buffered."""
+        line already read); return the bytes read. Bytes after the terminator stay buffered
+        for the next :meth:`line`."""
         total = 0
         tail = b"\r\n"  # the status line's CRLF: an empty answer is just ".\r\n"
         if self._buffer:
@@ -169,14 +173,22 @@ class Connection:
             tail = window[-4:]
             self._buffer.clear()
         while True:
-            n = self.sock.recv_into(self._bulk_view, BULK_BUFFER)
+            n = self.sock.recv_into(self._bulk_view, self._bulk_size)
             if not n:
                 raise ConnectionError("the server closed the connection inside an answer")
+            # A terminator across the previous read and this one, else inside this one
+            # (searched in place: no copy of the data).
+            straddle = (tail + bytes(self._bulk_view[:min(n, 4)])).find(POP3_TERMINATOR)
+            if straddle >= 0:
+                used = straddle + len(POP3_TERMINATOR) - len(tail)
+            else:
+                inside = self._bulk.find(POP3_TERMINATOR, 0, n)
+                used = -1 if inside < 0 else inside + len(POP3_TERMINATOR)
+            if used >= 0:
+                self._buffer += self._bulk_view[used:n]
+                return total + used
             total += n
-            last = tail + bytes(self._bulk_view[max(0, n - 5):n])
-            if last.endswith(POP3_TERMINATOR):
-                return total
-            tail = last[-4:]
+            tail = (tail + bytes(self._bulk_view[max(0, n - 4):n]))[-4:]
 
 
 class IMAPClient:
