@@ -61,6 +61,11 @@ def test_untagged_numeric_and_continuation() -> None:
     ]
 
 
+def test_unclosed_response_code_is_text() -> None:
+    [r] = feed_all(b"* OK [ALERT unclosed\r\n")
+    assert (r.code, r.text) == (None, b"[ALERT unclosed")
+
+
 def test_gmail_json_challenge_is_continuation_text() -> None:
     [r] = feed_all(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
     assert r.kind == "continuation" and r.text == b"eyJzdGF0dXMiOiI0MDEifQ=="
@@ -73,7 +78,7 @@ def test_status_text_ending_in_braces_is_not_a_literal() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [b"garbage\r\n", b"*\r\n", b"* \r\n", b"A(1 OK x\r\n", b"A1 FETCH x\r\n", b"* OK [ALERT unclosed\r\n"],
+    [b"garbage\r\n", b"*\r\n", b"* \r\n", b"A(1 OK x\r\n", b"A1 FETCH x\r\n"],
 )
 def test_malformed_first_line(line: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -239,3 +244,15 @@ def test_random_bytes_only_raise_protocol_error(data: bytes, step: int) -> None:
         return
     joined = b"".join(e.raw for e in events)
     assert data.startswith(joined)
+
+
+def test_take_unprocessed_returns_partial_response() -> None:
+    framer = ResponseFramer()
+    events = framer.feed(b"A1 OK done\r\n* 1 FETCH (BODY[] {5}\r\nab")
+    assert len(events) == 1
+    assert framer.take_unprocessed() == b"* 1 FETCH (BODY[] {5}\r\nab"
+    assert framer.at_boundary
+    streaming = ResponseFramer(literal_stream_threshold=1)
+    streaming.feed(b"* 1 FETCH (BODY[] {5}\r\nab")
+    with pytest.raises(ProtocolError):
+        streaming.take_unprocessed()

@@ -219,9 +219,8 @@ def _parse_head(line: bytes) -> _Head:
     code: bytes | None = None
     if keyword in STATUS_KEYWORDS and rest[:1] == b"[":
         end = rest.find(b"]")
-        if end < 0:
-            raise ProtocolError("response code is not closed")
-        code, rest = rest[1:end], rest[end + 1 :].lstrip(b" ")
+        if end >= 0:  # an unclosed "[" is taken as plain text
+            code, rest = rest[1:end], rest[end + 1 :].lstrip(b" ")
     return _Head(kind, tag, number, keyword, code, rest)
 
 
@@ -268,6 +267,21 @@ class ResponseFramer:
     def in_response(self) -> bool:
         """True while a response has begun but not ended (EOF now would truncate it)."""
         return self._pending is not None or bool(self._buf)
+
+    def take_unprocessed(self) -> bytes:
+        """Give back every byte fed but not yet returned in an event, and reset the framer.
+
+        For handing the connection to a byte relay. Not possible inside a streamed literal.
+        """
+        if self._literal_streaming:
+            raise ProtocolError("cannot hand over the stream inside a streamed literal")
+        pending = b"".join(self._pending.unemitted) if self._pending is not None else b""
+        data = pending + bytes(self._buf)
+        self._buf.clear()
+        self._pending = None
+        self._literal_left = 0
+        self._scan_from = 0
+        return data
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume ``data`` and return the events it completes, in order."""
