@@ -67,12 +67,18 @@ async def test_loopback_ignores_forged_state_then_takes_the_real_redirect(idp, t
         nursery.start_soon(run)
         await term.wait_for("Waiting")
         redirect = re.search(r"redirect to (\S+) ", term.getvalue()).group(1)
+        port = int(redirect.rstrip("/").rsplit(":", 1)[1])
+        idle = await trio.open_tcp_stream("127.0.0.1", port)  # a browser's spare connection
+        garbage = await trio.open_tcp_stream("127.0.0.1", port)
+        await garbage.send_all(b"NOT HTTP AT ALL\r\n\r\n")
         async with httpx.AsyncClient(trust_env=False, timeout=5) as attacker:
             forged = await attacker.get(redirect + "?code=stolen&state=wrong")
             assert forged.status_code == 400
             assert (await attacker.get(redirect + "favicon.ico")).status_code == 404
         await _follow_in_browser(term.line_after("approve the access"))
     assert result[0].refresh_token
+    await idle.aclose()
+    await garbage.aclose()
 
 
 async def test_authorization_code_manual_paste(idp: LabOAuthServer, tmp_path: Path):
