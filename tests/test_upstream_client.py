@@ -1,0 +1,293 @@
+"""The upstream IMAP client and OAuth login against the real lab (Dovecot + local OAuth server)."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from gateway.config import Limits, ProviderConfig, UserConfig
+from gateway.errors import ReauthorizationRequired, UpstreamError
+from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UpstreamIMAP, UpstreamNo
+from gateway.upstream.login import open_upstream
+from tests.lab import LabDovecot, LabOAuthServer, seed
+from tests.lab.corpus import CORPUS, big_message_chunks, big_message_sha256, crlf_normalise
+
+pytestmark = pytest.mark.lab
+
+LIMITS = Limits(upstream_connect_timeout=10, upstream_command_timeout=20)
+
+
+def lab_provider(lab: LabDovecot, oauth: LabOAuthServer, *, port: str = "imaps", tls: str = "implicit",
+                 mech: str = "xoauth2", ca_file: Path | None = None, use_lab_ca: bool = True) -> ProviderConfig:
+    return ProviderConfig(
+        name="lab", imap=f"{lab.host}:{lab.ports[port]}", imap_tls=tls, sasl=mech,
+        ca_file=ca_file or (lab.ca_file if use_lab_ca else None),
+        authorize_url=oauth.authorize_url, token_url=oauth.token_url, client_id="mailgate",
+    )
+
+
+class LabAccount:
+    """Just enough of gateway.oauth.accounts.Account: tokens straight from the lab OAuth server."""
+
+    def __init__(self, oauth: LabOAuthServer, user: str, provider: ProviderConfig, *,
+                 revoke_fresh: bool = False) -> None:
+        self.oauth = oauth
+        self.name = user
+        self.user = UserConfig(name=user, provider="lab", upstream_user=user)
+        self.provider = provider
+        self.refreshes = 0
+        self.revoke_fresh = revoke_fresh
+        self.token = oauth.issue_tokens(user)[0]
+
+    async def access_token(self, *, force_refresh: bool = False) -> str:
+        if force_refresh:
+            self.refreshes += 1
+            self.token = self.oauth.issue_tokens(self.name)[0]
+            if self.revoke_fresh:
+                self.oauth.revoke(self.token)
+        return self.token
+
+
+async def login(lab: LabDovecot, oauth: LabOAuthServer, user: str, **kw: Any) -> UpstreamIMAP:
+    return await open_upstream(LabAccount(oauth, user, lab_provider(lab, oauth, **kw)), LIMITS)
+
+
+# ---------------------------------------------------------------- login
+
+
+@pytest.mark.parametrize(("port", "tls", "mech"), [("imaps", "implicit", "xoauth2"),
+                                                    ("imap", "starttls", "oauthbearer")])
+async def test_login_and_select(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str,
+                                port: str, tls: str, mech: str) -> None:
+    client = await login(lab, oauth_server, lab_user, port=port, tls=tls, mech=mech)
+    try:
+        assert "IMAP4REV1" in client.capabilities
+        assert not any(c.startswith("AUTH=") for c in client.capabilities)  # post-auth list
+        info = await client.select("INBOX")
+        assert info.exists == 0 and info.uidvalidity and info.uidnext == 1
+        assert "\\Seen" in info.flags
+        assert await client.fetch_sizes() == []
+    finally:
+        await client.logout()
+
+
+async def test_revoked_token_is_refreshed_once(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
+    account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
+    oauth_server.revoke(account.token)
+    client = await open_upstream(account, LIMITS)
+    await client.logout()
+    assert account.refreshes == 1
+
+
+@pytest.mark.parametrize("mech", ["xoauth2", "oauthbearer"])
+async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                         lab_user: str, mech: str) -> None:
+    account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server, mech=mech), revoke_fresh=True)
+    oauth_server.revoke(account.token)
+    with pytest.raises(ReauthorizationRequired) as info:
+        await open_upstream(account, LIMITS)
+    assert account.refreshes == 1
+    assert account.token not in str(info.value)
+
+
+async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
+    account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
+    account.user = UserConfig(name=lab_user, provider="lab", upstream_user=lab.new_user())
+    with pytest.raises(ReauthorizationRequired):
+        await open_upstream(account, LIMITS)
+
+
+async def test_untrusted_certificate_is_a_clear_error(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                      lab_user: str, tmp_path: Path) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    for kw in ({"ca_file": other_ca}, {"use_lab_ca": False}, {"ca_file": other_ca, "port": "imap", "tls": "starttls"}):
+        with pytest.raises(UpstreamError, match="certificate .* is not trusted"):
+            await login(lab, oauth_server, lab_user, **kw)
+
+
+async def test_connection_refused_is_upstream_error(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
+    with trio.socket.socket() as sock:  # a bound port that does not listen
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        provider = lab_provider(lab, oauth_server).model_copy(update={"imap": f"127.0.0.1:{port}"})
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await open_upstream(LabAccount(oauth_server, lab_user, provider), LIMITS)
+
+
+# ---------------------------------------------------------------- reading
+
+
+async def test_fetch_sizes_and_bodies_match_direct_fetch(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                        lab_user: str) -> None:
+    names = ["simple", "bare_lf", "dot_lines", "long_line", "no_final_newline", "nested_multipart", "empty_body"]
+    uids = [seed.append(lab, lab_user, CORPUS[name]) for name in names]
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        info = await client.select("INBOX")
+        assert info.exists == len(names)
+        sizes = await client.fetch_sizes()
+        assert [uid for uid, _ in sizes] == uids
+        for (uid, size), name in zip(sizes, names):
+            direct = seed.fetch_raw(lab, lab_user, uid)
+            assert direct == crlf_normalise(CORPUS[name])
+            assert size == len(direct)
+            async with client.stream_body(uid) as body:
+                got = b"".join([chunk async for chunk in body])
+            assert got == direct
+            assert body.size == len(direct)
+        # partial fetch and headers only
+        async with client.stream_body(uids[0], b"BODY.PEEK[HEADER]") as body:
+            header = b"".join([c async for c in body])
+        assert header == seed.fetch_raw(lab, lab_user, uids[0]).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        async with client.stream_body(uids[0], partial=(0, 10)) as body:
+            assert b"".join([c async for c in body]) == seed.fetch_raw(lab, lab_user, uids[0])[:10]
+        # the connection stays usable after a body the caller did not read
+        async with client.stream_body(uids[1]):
+            pass
+        assert b"\\Seen" not in (await client.fetch_attrs([uids[1]], b"FLAGS"))[uids[1]][b"FLAGS"]
+    finally:
+        await client.logout()
+    assert "\\Seen" not in seed.flags(lab, lab_user, uids[0])  # BODY.PEEK leaves no trace
+
+
+async def test_vanished_message(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
+    uid = seed.append(lab, lab_user, CORPUS["simple"])
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        with pytest.raises(MessageVanished):
+            async with client.stream_body(uid + 100):
+                pass
+        async with client.stream_body(uid) as body:  # still usable
+            assert b"".join([c async for c in body]) == CORPUS["simple"]
+        with pytest.raises(UpstreamNo):
+            await client.select("No such folder")
+    finally:
+        await client.logout()
+
+
+async def test_big_body_streams_with_bounded_memory(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                    lab_user: str) -> None:
+    size = 20 * 1024 * 1024
+    uid = seed.append(lab, lab_user, big_message_chunks(size), size=size)
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        assert await client.fetch_sizes() == [(uid, size)]
+        digest = hashlib.sha256()
+        total = max_chunk = 0
+        tracemalloc.start()
+        try:
+            async with client.stream_body(uid) as body:
+                async for chunk in body:
+                    digest.update(chunk)
+                    total += len(chunk)
+                    max_chunk = max(max_chunk, len(chunk))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        await client.logout()
+    assert total == size == body.size
+    assert digest.hexdigest() == big_message_sha256(size)
+    assert max_chunk <= RECEIVE_SIZE
+    assert peak < 2 * 1024 * 1024  # nothing like 20 MB was held at once
+
+
+# ---------------------------------------------------------------- changing
+
+
+async def test_store_expunge_move_and_special_use(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                  lab_user: str) -> None:
+    uids = [seed.append(lab, lab_user, CORPUS[n]) for n in ("simple", "dot_lines", "long_line", "empty_body")]
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        assert await client.find_special_use("\\Trash") == "Trash"
+        assert await client.find_special_use("\\Sent") == "Sent"
+        assert await client.find_special_use("\\Flagged") is None
+        await client.uid_store([uids[0]], b"+FLAGS.SILENT (\\Seen)")
+        assert seed.flags(lab, lab_user, uids[0]) == {"\\Seen"}
+        await client.uid_store(uids[1:3], b"+FLAGS.SILENT (\\Deleted)")
+        await client.uid_expunge([uids[1]])  # only this one, though uids[2] is \Deleted too
+        assert seed.list_uids(lab, lab_user) == [uids[0], uids[2], uids[3]]
+        await client.uid_move([uids[3]], "Trash")
+        assert seed.list_uids(lab, lab_user) == [uids[0], uids[2]]
+        assert len(seed.list_uids(lab, lab_user, "Trash")) == 1
+    finally:
+        await client.logout()
+
+
+# ---------------------------------------------------------------- failures mid-stream
+
+
+async def _cutting_proxy(lab: LabDovecot, cut_after: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Relay to the lab's imaps port, dropping both sides once ``cut_after`` bytes came back."""
+
+    async def handle(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream(lab.host, lab.ports["imaps"]) as server:
+            async def up() -> None:
+                while data := await client.receive_some(65536):
+                    await server.send_all(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(up)
+                sent = 0
+                while sent < cut_after and (data := await server.receive_some(65536)):
+                    await client.send_all(data)
+                    sent += len(data)
+                nursery.cancel_scope.cancel()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_upstream_dropping_mid_literal(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str,
+                                             nursery: trio.Nursery) -> None:
+    size = 3 * 1024 * 1024
+    uid = seed.append(lab, lab_user, big_message_chunks(size), size=size)
+    port = await nursery.start(_cutting_proxy, lab, 1024 * 1024)
+    provider = lab_provider(lab, oauth_server).model_copy(update={"imap": f"127.0.0.1:{port}"})
+    client = await open_upstream(LabAccount(oauth_server, lab_user, provider), LIMITS)
+    got = 0
+    try:
+        await client.select("INBOX")
+        with pytest.raises(UpstreamError, match="lost|closed"):
+            async with client.stream_body(uid) as body:
+                async for chunk in body:
+                    got += len(chunk)
+        assert 0 < got < size
+        with pytest.raises(UpstreamError):  # unusable afterwards
+            await client.command(b"NOOP")
+    finally:
+        await client.aclose()
+
+
+async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                          lab_user: str) -> None:
+    from gateway.upstream.slots import UpstreamSlots
+
+    account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
+    account.upstream_slots = UpstreamSlots(lab_user, capacity=1, wait=0)  # type: ignore[attr-defined]
+    client = await open_upstream(account, LIMITS)
+    assert account.upstream_slots.in_use == 1  # type: ignore[attr-defined]
+    stream, buffered = client.detach()
+    assert buffered == b""
+    await stream.send_all(b"x1 NOOP\r\n")
+    answer = b""
+    while not answer.endswith(b"\r\n") or b"x1 " not in answer:
+        answer += await stream.receive_some(4096)
+    assert b"x1 OK" in answer
+    await stream.aclose()
+    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
+    client2 = await open_upstream(account, LIMITS)
+    await client2.logout()
+    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
