@@ -61,8 +61,9 @@ from typing import Any
 
 import trio
 
-from ..errors import MailgateError, UpstreamError
+from ..errors import MailgateError
 from ..protocol import pop3
+from ..upstream.client import MessageVanished
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -70,8 +71,6 @@ log = logging.getLogger("mailgate.pop3")
 TOP_FIRST_WINDOW = 64 * 1024
 #: Largest window TOP asks for (windows double from TOP_FIRST_WINDOW up to this).
 TOP_MAX_WINDOW = 1024 * 1024
-#: Longest UID set written into one UID STORE/EXPUNGE/MOVE command.
-MAX_UID_SET_CHARS = 4000
 #: At most this many exact sizes are remembered per account.
 MAX_SIZE_CACHE_ENTRIES = 100_000
 #: Sub-directory of ``state_dir`` holding the size caches and locks.
@@ -209,35 +208,7 @@ class SizeCache:
         os.replace(tmp, self.path)
 
 
-# -- UID sets and UIDL ------------------------------------------------------------------
-
-
-def uid_sets(uids: Iterable[int], max_chars: int = MAX_UID_SET_CHARS) -> list[bytes]:
-    """Compact IMAP sequence sets (``1:5,9``) for ``uids``, each at most ``max_chars`` long."""
-    ordered = sorted(set(uids))
-    ranges: list[str] = []
-    start = prev = None
-    for uid in ordered:
-        if prev is not None and uid == prev + 1:
-            prev = uid
-            continue
-        if start is not None:
-            ranges.append(f"{start}:{prev}" if start != prev else str(start))
-        start = prev = uid
-    if start is not None:
-        ranges.append(f"{start}:{prev}" if start != prev else str(start))
-    sets: list[bytes] = []
-    current: list[str] = []
-    length = 0
-    for item in ranges:
-        if current and length + 1 + len(item) > max_chars:
-            sets.append(",".join(current).encode("ascii"))
-            current, length = [], 0
-        current.append(item)
-        length += len(item) + (1 if length else 0)
-    if current:
-        sets.append(",".join(current).encode("ascii"))
-    return sets
+# -- UIDL --------------------------------------------------------------------------
 
 
 def default_uidl(uidvalidity: int, uid: int) -> str:
@@ -380,29 +351,22 @@ class Maildrop:
                 async for chunk in chunks:
                     received += len(chunk)
                     await answer.write(encoder.feed(chunk))
-                    if encoder.done:
-                        break
-        except MessageUnavailable:
-            raise
-        except MailgateError as exc:
-            if not answer.started and not isinstance(exc, UpstreamError):
-                raise MessageUnavailable("Message is no longer available") from exc
-            if not answer.started and _vanished(exc):
-                raise MessageUnavailable("Message is no longer available") from exc
-            raise
-        if not answer.started and received == 0 and partial is None and message.size > 0:
-            raise MessageUnavailable("Message is no longer available")
+        except MessageVanished:
+            if answer.started:  # a window past the end of a message the server mis-sized
+                return 0
+            raise MessageUnavailable("Message is no longer available") from None
         return received
 
     async def _stream_windows(
         self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder
     ) -> None:
+        """TOP of a big message: fetch growing windows until TOP has what it needs."""
         offset, window = 0, TOP_FIRST_WINDOW
         while not encoder.done:
             received = await self._stream(message, answer, encoder, partial=(offset, window))
-            if received < window:
-                break  # the end of the message
             offset += received
+            if received < window:
+                break  # the end of the message (RFC822.SIZE is not trusted for this)
             window = min(window * 2, TOP_MAX_WINDOW)
 
     async def _after_retr(self, message: Message, octets: int) -> None:
@@ -429,7 +393,7 @@ class Maildrop:
         if not uids:
             return "Logging out"
         if self.delete_mode == "keep":
-            await self._store(uids, SEEN)
+            await self._upstream.uid_store(uids, SEEN)
             return f"Logging out, {len(uids)} messages kept and marked seen"
         if self.delete_mode == "trash":
             trash = await self._upstream.find_special_use(TRASH)
@@ -444,42 +408,25 @@ class Maildrop:
     async def _expunge(self, uids: list[int]) -> None:
         caps = self._upstream.capabilities
         if "UIDPLUS" in caps:
-            await self._store(uids, DELETED)
-            for uid_set in uid_sets(uids):
-                await self._upstream.uid_expunge(uid_set)
+            await self._upstream.uid_store(uids, DELETED)
+            await self._upstream.uid_expunge(uids)
             return
+        # Without UIDPLUS an EXPUNGE would also remove messages other clients marked
+        # \\Deleted: never do that. MOVE to \\Trash is the only safe way left.
         trash = await self._upstream.find_special_use(TRASH) if "MOVE" in caps else None
         if trash is None or trash == self.mailbox:
             raise CommitRefused(
                 "The upstream server lacks UIDPLUS (and MOVE to \\Trash): "
                 "refusing to expunge, no messages deleted"
             )
-        await self._move(uids, trash)
+        await self._upstream.uid_move(uids, trash)
 
     async def _move(self, uids: list[int], mailbox: str) -> None:
         caps = self._upstream.capabilities
-        if "MOVE" in caps:
-            for uid_set in uid_sets(uids):
-                await self._upstream.uid_move(uid_set, mailbox)
-            return
-        if "UIDPLUS" not in caps:
-            raise CommitRefused(
-                "The upstream server has neither MOVE nor UIDPLUS: no messages moved"
-            )
-        for uid_set in uid_sets(uids):
-            await self._upstream.uid_copy(uid_set, mailbox)
-        await self._store(uids, DELETED)
-        for uid_set in uid_sets(uids):
-            await self._upstream.uid_expunge(uid_set)
-
-    async def _store(self, uids: list[int], flags_op: bytes) -> None:
-        for uid_set in uid_sets(uids):
-            await self._upstream.uid_store(uid_set, flags_op)
-
-
-def _vanished(exc: MailgateError) -> bool:
-    """An upstream answer that says the message is gone rather than the connection."""
-    return bool(getattr(exc, "vanished", False))
+        if "MOVE" not in caps and "UIDPLUS" not in caps:
+            # The client's COPY fallback would end in a plain EXPUNGE: refuse instead.
+            raise CommitRefused("The upstream server has neither MOVE nor UIDPLUS: no messages moved")
+        await self._upstream.uid_move(uids, mailbox)
 
 
 class _Answer:
