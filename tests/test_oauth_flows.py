@@ -84,7 +84,6 @@ async def test_loopback_ignores_forged_state_then_takes_the_real_redirect(idp, t
 async def test_authorization_code_manual_paste(idp: LabOAuthServer, tmp_path: Path):
     provider = make_config(idp, tmp_path).providers["lab"]
     term = Terminal()
-    pasted: trio.MemorySendChannel
     send, receive = trio.open_memory_channel[str](1)
     async with trio.open_nursery() as nursery:
         result: list = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import getpass
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -101,7 +102,7 @@ async def _daemon_key(provider: "ProviderConfig", *, create: bool) -> bytes | No
         raise CommandError(str(exc)) from None
 
 
-async def _run(command, stdout: TextIO) -> int:  # type: ignore[no-untyped-def]
+async def _run(command: Callable[[], Awaitable[int]], stdout: TextIO) -> int:
     try:
         return await command()
     except CommandError as exc:
