@@ -28,7 +28,7 @@ from tests.helpers_gateway import client_ssl_context, make_config, start_gateway
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.test_oauth_support import Terminal
 
-PASSWORD = "local pässword 1"
+PASSWORD = 'local "pass" \\word 1'
 USER = "alice"
 IO_TIMEOUT = 10.0
 

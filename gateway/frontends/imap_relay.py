@@ -70,6 +70,8 @@ WRITE_BATCH = 64 * 1024
 RECEIVE_SIZE = 64 * 1024
 #: Longest mailgate spends logging out of the upstream after the client left.
 LOGOUT_TIMEOUT = 5.0
+#: What mailgate sends upstream when the client left without logging out.
+LOGOUT_COMMAND = b"MG0 LOGOUT\r\n"
 #: Longest a farewell or a local answer may wait for the client (and for the output lock).
 FAREWELL_TIMEOUT = 5.0
 
@@ -165,17 +167,24 @@ class ImapRelay:
             # The client left or must go: say goodbye if possible, log the upstream out politely.
             if end.farewell and self.scanner.at_boundary:
                 await self._send_farewell(bye(end.farewell))
-            with trio.move_on_after(LOGOUT_TIMEOUT) as scope:
-                scope.shield = True
-                try:
-                    await self._up_stream.send_all(b"ZZ LOGOUT\r\n")
-                    while await self._up_stream.receive_some(RECEIVE_SIZE):
-                        pass
-                except (*_UPSTREAM_GONE, OSError):
-                    pass
+            await self._logout_upstream()
         elif not self.bye_seen and self.scanner.at_boundary and end.farewell:
             await self._send_farewell(bye(end.farewell))
         log.info("imap %s: %s session ended (%s)", self.client.peer, self.user, end.outcome)
+
+    async def _logout_upstream(self) -> None:
+        """End the upstream session politely, unless a command is half sent (then just close)."""
+        idle = self.framer.idle_tag is not None
+        if self.framer.in_command and not idle:
+            return
+        with trio.move_on_after(LOGOUT_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self._up_stream.send_all((b"DONE\r\n" if idle else b"") + LOGOUT_COMMAND)
+                while await self._up_stream.receive_some(RECEIVE_SIZE):
+                    pass
+            except (*_UPSTREAM_GONE, OSError):
+                pass
 
     async def _send_farewell(self, data: bytes) -> None:
         with trio.move_on_after(FAREWELL_TIMEOUT) as scope:
