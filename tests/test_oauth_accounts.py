@@ -12,6 +12,7 @@ from gateway.errors import AuthenticationFailed, ReauthorizationRequired, Tempor
 from gateway.oauth import commands
 from gateway.oauth.accounts import AccountManager
 from gateway.oauth.store import REFRESH_TOKEN, StateStore
+from gateway.oauth.tokens import BACKOFF_INITIAL
 from tests.lab.oauth_server import LabOAuthServer
 from tests.test_oauth_support import (  # noqa: F401
     PASSWORD,
@@ -290,3 +291,21 @@ async def test_nothing_secret_is_logged_at_any_level(idp, tmp_path, caplog):
     assert "rotated refresh token saved" in caplog.text  # the log does say what happened
     for secret in [*idp.all_secrets(), PASSWORD, "a wrong password"]:
         assert secret not in caplog.text
+
+
+async def test_an_unreadable_store_is_a_temporary_failure(idp, seeded):
+    config, _ = seeded
+    manager = AccountManager(config)
+    account = await manager.login("alice", PASSWORD)
+    state_dir = config.server.state_dir
+    moved = state_dir.with_name("moved-away")
+    state_dir.rename(moved)
+    try:
+        with pytest.raises(TemporaryFailure, match="credential store"):
+            await account.access_token()
+        with pytest.raises(TemporaryFailure, match="credential store"):
+            await manager.login("alice", PASSWORD)
+    finally:
+        moved.rename(state_dir)
+    await trio.sleep(BACKOFF_INITIAL)  # the token cache backs off after a temporary failure
+    assert idp.is_active(await account.access_token())

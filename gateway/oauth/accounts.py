@@ -159,6 +159,10 @@ class Account:
             log.warning("account %s: token request failed: %s", self.name, exc)
             self._event("token.failed", reason="temporary")
             raise
+        except StoreError as exc:
+            log.error("account %s: state store unavailable: %s", self.name, exc)
+            self._event("token.failed", reason="temporary")
+            raise TemporaryFailure("credential store unavailable") from None
         await self._record_status(STATUS_OK, "")
         self._event("token.refreshed")
         return answer
