@@ -31,6 +31,7 @@ certificate names ``localhost`` and ``127.0.0.1``.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pwd
@@ -214,6 +215,7 @@ class LabDovecot:
             self.config_path.write_text(self._render_config())
             try:
                 self._spawn(binary)
+                atexit.register(self.stop)  # a crashed test run must not leak Dovecot
                 return self
             except RuntimeError as exc:
                 last_error = str(exc)
@@ -224,6 +226,7 @@ class LabDovecot:
         """Stop the master and all its children, then remove the lab directory. Idempotent."""
         process, self._process = self._process, None
         if process is not None:
+            atexit.unregister(self.stop)
             self._terminate(process)
         self._cleanup_dir()
 
@@ -242,7 +245,19 @@ class LabDovecot:
 
     # ----------------------------------------------------------------- internals
 
+    def _check_reachable(self) -> None:
+        """As root, mail processes run as ``nobody``: every ancestor must be traversable."""
+        if os.geteuid() != 0:
+            return
+        for ancestor in self.dir.resolve().parents:
+            if not ancestor.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{ancestor} is not traversable by {MAIL_OWNER}; put the lab directory "
+                    "elsewhere (e.g. leave base_dir unset for a fresh one under /tmp)"
+                )
+
     def _prepare_dir(self) -> None:
+        self._check_reachable()
         os.chmod(self.dir, 0o755)  # login/mail processes run unprivileged
         for sub in ("run", "state"):
             (self.dir / sub).mkdir(exist_ok=True)

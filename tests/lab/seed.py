@@ -45,6 +45,9 @@ __all__ = [
     "imap_session",
     "pop3_session",
     "client_ssl_context",
+    "connect_tls",
+    "LineReader",
+    "unstuff",
 ]
 
 #: Deadline of every socket operation (connect, each read, each write).
@@ -82,7 +85,9 @@ def client_ssl_context(lab: LabEndpoint) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(lab.ca_file))
 
 
-def _connect(lab: LabEndpoint, port_name: str) -> ssl.SSLSocket:
+def connect_tls(lab: LabEndpoint, port_name: str) -> ssl.SSLSocket:
+    """A TLS socket to the lab's ``imaps`` or ``pop3s`` port, verified against the lab CA,
+    with :data:`SOCKET_TIMEOUT` on every operation."""
     raw = socket.create_connection((lab.host, lab.ports[port_name]), timeout=SOCKET_TIMEOUT)
     try:
         sock = client_ssl_context(lab).wrap_socket(raw, server_hostname=lab.host)
@@ -93,7 +98,7 @@ def _connect(lab: LabEndpoint, port_name: str) -> ssl.SSLSocket:
     return sock
 
 
-class _LineReader:
+class LineReader:
     """Buffered reads of CRLF lines and exact byte counts from a socket."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -136,8 +141,8 @@ class DirectIMAP:
 
     def __init__(self, lab: LabEndpoint, user: str) -> None:
         self._tags = (f"S{n}".encode() for n in itertools.count(1))
-        self._sock = _connect(lab, "imaps")
-        self._reader = _LineReader(self._sock)
+        self._sock = connect_tls(lab, "imaps")
+        self._reader = LineReader(self._sock)
         try:
             greeting = self._reader.line()
             if not greeting.startswith(b"* OK"):
@@ -233,7 +238,8 @@ class DirectIMAP:
         for parts in untagged:
             match = re.search(rb"FLAGS \(([^)]*)\)", parts[0])
             if match is not None and b"FETCH" in parts[0]:
-                return set(match.group(1).decode().split())
+                # \Recent belongs to the session, not the message: leave it out.
+                return set(match.group(1).decode().split()) - {"\\Recent"}
         raise IMAPError(f"no FLAGS for UID {uid}")
 
 
@@ -241,8 +247,8 @@ class DirectPOP3:
     """A minimal POP3S client logged in as ``user`` with ``USER``/``PASS``."""
 
     def __init__(self, lab: LabEndpoint, user: str) -> None:
-        self._sock = _connect(lab, "pop3s")
-        self._reader = _LineReader(self._sock)
+        self._sock = connect_tls(lab, "pop3s")
+        self._reader = LineReader(self._sock)
         try:
             self.greeting = self._status(self._reader.line())
             self.command(f"USER {user}")
@@ -373,7 +379,7 @@ def list_uids(lab: LabEndpoint, user: str, mailbox: str = "INBOX") -> list[int]:
 
 
 def flags(lab: LabEndpoint, user: str, uid: int, mailbox: str = "INBOX") -> set[str]:
-    """The flags of one message, e.g. ``{"\\\\Seen"}``."""
+    """The flags of one message, e.g. ``{"\\\\Seen"}`` (without the session flag ``\\Recent``)."""
     with imap_session(lab, user) as imap:
         imap.select(mailbox)
         return imap.flags(uid)
