@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             figures += run_figure(number, env)
         if args.keep:
             progress(f"work directory kept: {workdir}")
+        progress("stopping mailgate, the load workers and the lab")
     table = format_table(figures)
     print(table)
     document = to_json(figures, machine_description(dovecot_version()), {

@@ -59,7 +59,7 @@ from bench.wire import (
 __all__ = ["Settings", "BenchEnv", "FIGURES", "MAILBOXES_FOR", "ZeroFailures", "NoTarget"]
 
 #: Users the login figures spread their sessions over (each user one mailbox upstream).
-LOGIN_USERS = 5
+LOGIN_USERS = 10
 #: Concurrent openers of the idle sessions of figure 8.
 IDLE_OPEN_CONCURRENCY = 50
 #: Pause after the idle sessions are open before memory is read (let buffers settle).

@@ -8,9 +8,10 @@ so the benchmark's clients never share its interpreter, and its memory and CPU c
 server, its Dovecot IMAPS port and CA) with the given users and raised connection limits (a
 benchmark opens 1,000 sessions from one address, which the defaults rightly refuse).
 
-:func:`authorize_users` seeds every account the way an admin does, through the CLI:
-``mailgate authorize USER --refresh-token-stdin --password-stdin`` with the local password and
-then a refresh token from the lab on stdin (a few run at once; each costs a password hash).
+:func:`authorize_users` seeds every account the way an admin does with
+``mailgate authorize USER --refresh-token-stdin --password-stdin`` (the local password, then a
+refresh token from the lab): the CLI's own function, called for every user by one helper
+process.
 
 :class:`GatewayProcess` starts ``serve`` (stderr to a log file), waits until every listener
 accepts a connection, and on exit sends SIGTERM and waits (SIGKILL after a grace).
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,6 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 #: One ``mailgate authorize`` (process start, password hash, token request).
 AUTHORIZE_TIMEOUT = 60.0
-#: ``mailgate authorize`` processes run at once (each hashes a password: CPU bound).
-AUTHORIZE_PARALLEL = 2
 #: Poll step while waiting for a listener.
 POLL_INTERVAL = 0.05
 #: Limits written into the benchmark's config: high enough for 1,000 sessions from loopback.
@@ -141,24 +139,51 @@ def write_config(directory: Path, lab: LabInfo, users: Iterable[GatewayUser],
 
 def authorize_users(python: str, cwd: Path, config: Path, users: Iterable[GatewayUser],
                     refresh_token: Callable[[str], str]) -> None:
-    """``mailgate authorize NAME --refresh-token-stdin --password-stdin`` for every user;
-    ``refresh_token(upstream_user)`` issues the token to import."""
-    todo = list(users)
-    issued = {u.name: refresh_token(u.upstream_user) for u in todo}  # the lab pipe is serial
+    """Authorize every user as ``mailgate authorize NAME --refresh-token-stdin
+    --password-stdin`` does; ``refresh_token(upstream_user)`` issues the token to import.
 
-    def one(user: GatewayUser) -> None:
-        done = subprocess.run(
-            [python, "-m", "gateway", "--config", str(config), "authorize", user.name,
-             "--refresh-token-stdin", "--password-stdin"],
-            input=f"{user.password}\n{issued[user.name]}\n", cwd=cwd, capture_output=True,
-            text=True, timeout=AUTHORIZE_TIMEOUT,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"mailgate authorize {user.name} failed ({done.returncode}): "
-                               f"{(done.stdout + done.stderr).strip()[-300:]}")
+    One helper process (``python -m bench.gateway_proc --authorize CONFIG``) runs the CLI's own
+    function for every user in turn: starting the CLI once per user would cost a second of
+    interpreter start-up each."""
+    requests = [{"name": u.name, "password": u.password,
+                 "refresh_token": refresh_token(u.upstream_user)} for u in users]
+    done = subprocess.run(
+        [python, "-m", "bench.gateway_proc", "--authorize", str(config)],
+        input="".join(json.dumps(r) + "\n" for r in requests), cwd=cwd, capture_output=True,
+        text=True, timeout=AUTHORIZE_TIMEOUT * max(1, len(requests)),
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"mailgate authorize failed ({done.returncode}): "
+                           f"{(done.stdout + done.stderr).strip()[-400:]}")
 
-    with ThreadPoolExecutor(AUTHORIZE_PARALLEL) as pool:
-        list(pool.map(one, todo))
+
+def _authorize_main(config_path: str) -> int:
+    """Body of ``--authorize``: one JSON request per stdin line, each given to the function
+    behind ``mailgate authorize USER --refresh-token-stdin --password-stdin``."""
+    import io
+
+    import trio
+
+    from gateway.config import load_config
+    from gateway.oauth.commands import authorize_async
+
+    config = load_config(config_path)
+    requests = [json.loads(line) for line in sys.stdin if line.strip()]
+
+    async def run() -> int:
+        for request in requests:
+            answer = io.StringIO()
+            status = await authorize_async(
+                config, request["name"], refresh_token_stdin=True, password_stdin=True,
+                stdin=io.StringIO(f"{request['password']}\n{request['refresh_token']}\n"),
+                stdout=answer,
+            )
+            if status != 0:
+                print(f"{request['name']}: {answer.getvalue().strip()}", file=sys.stderr)
+                return status
+        return 0
+
+    return trio.run(run)
 
 
 class GatewayProcess:
@@ -235,5 +260,7 @@ def _accepts(port: int) -> bool:
         return False
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--authorize":
+        sys.exit(_authorize_main(sys.argv[2]))
     sys.exit("run the benchmark with: python -m bench")
