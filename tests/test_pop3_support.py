@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
 from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.helpers_gateway import client_ssl_context, make_config, start_gateway
+from tests.faults.proxy import FaultProxy
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.lab import seed
 from tests.test_imap_support import PASSWORD, USER, SeededState, seed_account
@@ -232,6 +234,24 @@ async def start_inbox_gate(nursery: trio.Nursery, tmp_path: Path, lab: LabDoveco
     server = await start_gateway(nursery, config)
     return PopGate(config=config, server=server, lab=lab, oauth=oauth,
                    upstream_user=upstream_user, mailbox="INBOX")
+
+
+async def start_proxied_gate(nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot,
+                             oauth: LabOAuthServer, seeded: SeededState,
+                             **options: Any) -> tuple[PopGate, FaultProxy]:
+    """A gateway whose upstream IMAP goes through a TLS-terminating :class:`FaultProxy`."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "proxy-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_tls)
+    client_tls = ssl.create_default_context(cafile=str(lab.ca_file))
+    proxy = FaultProxy((lab.host, lab.ports["imaps"]), server_tls=server_tls, client_tls=client_tls,
+                       server_hostname="localhost")
+    await nursery.start(proxy.run)
+    gate = await start_pop_gate(nursery, tmp_path, lab, oauth, seeded, imap=proxy.address,
+                                ca_file=ca_file, **options)
+    return gate, proxy
 
 
 @pytest.fixture
