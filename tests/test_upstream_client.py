@@ -297,3 +297,31 @@ async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth
     client2 = await open_upstream(account, LIMITS)
     await client2.logout()
     assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
+
+
+async def test_server_bye_and_kick_become_upstream_error(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                         lab_user: str) -> None:
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        await trio.to_thread.run_sync(lab.kill_connections, lab_user)
+        with pytest.raises(UpstreamError, match="closed|lost") as info:
+            for _ in range(50):  # the kick lands asynchronously
+                await client.command(b"NOOP")
+                await trio.sleep(0.05)
+        assert "BYE" in str(info.value)
+    finally:
+        await client.aclose()
+
+
+async def test_partial_fetch_past_the_end_is_empty(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                   lab_user: str) -> None:
+    uid = seed.append(lab, lab_user, CORPUS["simple"])
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        async with client.stream_body(uid, partial=(10_000, 100)) as body:
+            assert [c async for c in body] == []
+        assert body.size == 0
+    finally:
+        await client.logout()

@@ -330,13 +330,15 @@ class UpstreamIMAP:
     async def _next_event(self) -> Any:
         """The next framer event, reading more from the server as needed (with a deadline)."""
         while not self._events:
+            data = b""
             try:
-                with trio.fail_after(self._timeout):
+                # A bare CancelScope: this runs once per TLS record of a big FETCH.
+                with trio.CancelScope(deadline=trio.current_time() + self._timeout) as scope:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
-            except trio.TooSlowError:
-                raise self._fail(f"{self.where} did not answer within {self._timeout:g}s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(f"connection to {self.where} lost: {exc or type(exc).__name__}") from None
+            if scope.cancelled_caught:
+                raise self._fail(f"{self.where} did not answer within {self._timeout:g}s")
             if not data:
                 what = "in the middle of a response" if self._framer.in_response else "unexpectedly"
                 raise self._fail(f"{self.where} closed the connection {what}")
@@ -757,18 +759,24 @@ class BodyStream:
                     raise UpstreamBad("UID FETCH", "BAD", text)
                 if event.kind == "continuation":
                     raise client._fail(f"{client.where} asked for a continuation of UID FETCH")
-                body = self._attached_body(event)
+                body = self._attached_body(event, client)
                 if body is not None:
                     self.size, self._attached = len(body), body
                     return
 
     @staticmethod
-    def _attached_body(event: Response) -> bytes | None:
-        if event.keyword != b"FETCH":
+    def _attached_body(event: Response, client: UpstreamIMAP) -> bytes | None:
+        """The body section of a whole FETCH response (a small literal, ``""`` or ``NIL``)."""
+        if event.keyword != b"FETCH" or event.streamed:
             return None
-        for line, literal in zip(event.lines, event.literals):
-            if literal is not None and _BODY_LITERAL.search(line):
-                return literal
+        try:
+            parsed = parse_fetch_response(event.imaplib_data(), uid_is_key=False)
+        except (ParserError, ValueError) as exc:
+            raise client._fail(f"{client.where} sent a FETCH answer that cannot be parsed: {exc}") from None
+        for attrs in parsed.values():
+            for key, value in attrs.items():
+                if isinstance(key, bytes) and key.upper().startswith((b"BODY[", b"BINARY[")):
+                    return value if isinstance(value, bytes) else b""
         return None
 
     async def _skip_streamed_literal(self) -> None:
