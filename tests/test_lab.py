@@ -436,11 +436,18 @@ def test_introspection_and_secret_inventory(oauth_server, http):
 
 
 def test_every_corpus_message_round_trips(lab, lab_user):
-    for name, raw in CORPUS.items():
-        uid = seed.append(lab, lab_user, raw)
-        served = seed.fetch_raw(lab, lab_user, uid)
-        assert served == crlf_normalise(raw), name
-    assert seed.list_uids(lab, lab_user) == list(range(1, len(CORPUS) + 1))
+    with seed.imap_session(lab, lab_user) as imap:
+        uids = {name: imap.append([raw], len(raw)) for name, raw in CORPUS.items()}
+        imap.select()
+        for name, raw in CORPUS.items():
+            assert imap.fetch_literal(uids[name]) == crlf_normalise(raw), name
+    assert seed.list_uids(lab, lab_user) == sorted(uids.values())
+
+
+def test_one_shot_helpers_round_trip(lab, lab_user):
+    raw = CORPUS["mixed_line_endings"]
+    uid = seed.append(lab, lab_user, raw)
+    assert seed.fetch_raw(lab, lab_user, uid) == crlf_normalise(raw)
 
 
 def test_dovecot_serves_bare_lf_as_crlf(lab, lab_user):
