@@ -80,9 +80,11 @@ async def test_login_and_select(lab: LabDovecot, oauth_server: LabOAuthServer, l
 async def test_revoked_token_is_refreshed_once(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
     oauth_server.revoke(account.token)
-    client = await open_upstream(account, LIMITS)
+    events: list[dict[str, Any]] = []
+    client = await open_upstream(account, LIMITS, publish=events.append)
     await client.logout()
     assert account.refreshes == 1
+    assert [(e["type"], e["user"]) for e in events] == [("upstream.connected", lab_user)]
 
 
 @pytest.mark.parametrize("mech", ["xoauth2", "oauthbearer"])
@@ -90,10 +92,13 @@ async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth
                                                          lab_user: str, mech: str) -> None:
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server, mech=mech), revoke_fresh=True)
     oauth_server.revoke(account.token)
+    events: list[dict[str, Any]] = []
     with pytest.raises(ReauthorizationRequired) as info:
-        await open_upstream(account, LIMITS)
+        await open_upstream(account, LIMITS, publish=events.append)
     assert account.refreshes == 1
     assert account.token not in str(info.value)
+    assert events == [{"type": "upstream.error", "user": lab_user, "upstream": account.provider.imap,
+                       "reason": "reauthorization_required"}]
 
 
 async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:

@@ -28,16 +28,23 @@ OAuth error challenge / ``NO`` (``AUTHENTICATIONFAILED``)  token rejected → re
 any other ``BAD``                                        ``UpstreamError``
 =======================================================  =====================================
 
+Events (never with secrets): ``{"type": "upstream.connected", "user", "upstream", "latency_ms"}``
+after a successful login and ``{"type": "upstream.error", "user", "upstream", "reason"}`` on a
+failure, published through ``publish`` (default: the account's own event hook, if it has one).
+
 Neither tokens nor SASL messages are ever logged.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ReauthorizationRequired, UpstreamError
+import trio
+
+from ..errors import MailgateError, ReauthorizationRequired, TemporaryFailure, UpstreamError
 from ..protocol import sasl
 from .client import UpstreamIMAP, UpstreamResponse, connect
 
@@ -103,13 +110,42 @@ async def authenticate(
     return await client.authenticate_oauth(mechanism, initial, error_reply=sasl.oauth_error_reply(mechanism))
 
 
-async def open_upstream(account: Any, limits: Limits) -> UpstreamIMAP:
+Publish = Callable[[dict[str, Any]], Any]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ReauthorizationRequired):
+        return "reauthorization_required"
+    if isinstance(exc, UpstreamError):
+        return "upstream"
+    if isinstance(exc, TemporaryFailure):
+        return "temporary"
+    return type(exc).__name__
+
+
+async def open_upstream(account: Any, limits: Limits, *, publish: Publish | None = None) -> UpstreamIMAP:
     """An authenticated upstream IMAP connection for ``account`` (see the module docstring).
 
     Raises :class:`~gateway.errors.ReauthorizationRequired`,
     :class:`~gateway.errors.TemporaryFailure` (:class:`~gateway.errors.UpstreamError` for the
     IMAP side) or, from ``account.access_token``, ``AuthenticationFailed``.
     """
+    publish = publish or getattr(account, "_publish", None)
+    upstream = account.provider.imap
+    started = trio.current_time()
+    try:
+        client = await _open(account, limits)
+    except MailgateError as exc:
+        if publish is not None:
+            publish({"type": "upstream.error", "user": account.name, "upstream": upstream, "reason": _reason(exc)})
+        raise
+    if publish is not None:
+        latency_ms = round((trio.current_time() - started) * 1000, 1)
+        publish({"type": "upstream.connected", "user": account.name, "upstream": upstream, "latency_ms": latency_ms})
+    return client
+
+
+async def _open(account: Any, limits: Limits) -> UpstreamIMAP:
     provider = account.provider
     slots = getattr(account, "upstream_slots", None)
     slot = await slots.acquire() if slots is not None else None
