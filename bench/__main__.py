@@ -52,12 +52,15 @@ from bench.gateway_proc import (
 )
 from bench.labproc import LabInfo, LabProcess
 from bench.load import LoadPool
+from bench.profiler import Profiler, format_hotspots, py_spy_path
 from bench.stats import Figure, Measurement, format_table, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 #: Mailboxes seeded at once (each seeding is one IMAPS session to the lab).
 SEED_PARALLEL = 4
+#: Warm-up logins at once (each account's first login hashes its password in mailgate).
+WARM_UP_PARALLEL = 4
 #: Size range of the POP3 figure's small messages (varied, deterministic).
 POP_MESSAGE_MIN = 1024
 POP_MESSAGE_SPREAD = 2048
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fewer samples and sessions (a smoke run, ~1 minute)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample mailgate with py-spy during each figure; print where its "
+                             "CPU time went (profiled figures are slower: not for the docs)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (mailgate config, state, log)")
     return parser
@@ -133,7 +139,8 @@ def dovecot_version() -> str:
 
 def warm_up(env: BenchEnv) -> None:
     """One login per mailgate account: the password check and the access token get cached."""
-    for name in env.users:
+
+    def login(name: str) -> None:
         try:
             if env.why_not("imap") is None:
                 env.gateway_imap(name).logout()
@@ -141,6 +148,24 @@ def warm_up(env: BenchEnv) -> None:
                 env.gateway_pop3(name).quit()
         except Exception as exc:  # noqa: BLE001 - the figures will say what fails
             progress(f"warm-up login of {name} through mailgate failed: {reason(exc)}")
+
+    with ThreadPoolExecutor(WARM_UP_PARALLEL) as pool:
+        list(pool.map(login, env.users))
+
+
+def profiled(number: int, env: BenchEnv, directory: Path) -> list[Figure]:
+    """Run one figure with py-spy attached to mailgate; print the hot spots."""
+    py_spy = py_spy_path()
+    if py_spy is None or env.gateway is None:
+        progress("--profile: " + ("py-spy is not installed (pip install -e '.[bench]')"
+                                  if py_spy is None else "mailgate is not running"))
+        return run_figure(number, env)
+    profiler = Profiler(env.gateway.pid, directory / f"profile-figure{number}.txt", py_spy)
+    with profiler:
+        figures = run_figure(number, env)
+    print(format_hotspots(f"figure {number} ({profiler.output})", profiler.text()),
+          file=sys.stderr, flush=True)
+    return figures
 
 
 def run_figure(number: int, env: BenchEnv) -> list[Figure]:
@@ -200,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             warm_up(env)
         for number in selected:
             progress(f"figure {number}: {FIGURES[number].__name__}")
-            figures += run_figure(number, env)
+            if args.profile:
+                figures += profiled(number, env, args.json.parent)
+            else:
+                figures += run_figure(number, env)
         if args.keep:
             progress(f"work directory kept: {workdir}")
         progress("stopping mailgate, the load workers and the lab")

@@ -59,7 +59,7 @@ from bench.wire import (
 __all__ = ["Settings", "BenchEnv", "FIGURES", "MAILBOXES_FOR", "ZeroFailures", "NoTarget"]
 
 #: Users the login figures spread their sessions over (each user one mailbox upstream).
-LOGIN_USERS = 10
+LOGIN_USERS = 4
 #: Concurrent openers of the idle sessions of figure 8.
 IDLE_OPEN_CONCURRENCY = 50
 #: Pause after the idle sessions are open before memory is read (let buffers settle).
@@ -104,7 +104,7 @@ class Settings:
     @classmethod
     def quick_mode(cls) -> Settings:
         return cls(quick=True, login_samples=40, load_clients=50, load_duration=3.0,
-                   burst_clients=500, fetch_round_trips=100, transfer_repeats=3,
+                   burst_clients=100, fetch_round_trips=100, transfer_repeats=3,
                    idle_sessions=200, idle_window=3.0, pop_messages=2_000,
                    pop_later_sessions=2)
 

@@ -51,6 +51,7 @@ BENCH_LIMITS = {
     "max_connections": 5000,
     "max_connections_per_ip": 5000,
     "upstream_connections_per_account": 1000,
+    "shutdown_grace": 2,  # the benchmark closes every session before it stops mailgate
 }
 FRONTEND_MODULES = {
     "imap": "gateway.frontends.imap_session",
