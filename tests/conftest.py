@@ -28,6 +28,16 @@ def lab(oauth_server: LabOAuthServer) -> Iterator[LabDovecot]:
         yield dovecot
 
 
+@pytest.fixture(autouse=True)
+def _reset_oauth_server_settings(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the shared OAuth server, undo its failure modes and switches."""
+    server = request.getfixturevalue("oauth_server") if (
+        "oauth_server" in request.fixturenames) else None
+    yield
+    if server is not None:
+        server.reset_settings()
+
+
 @pytest.fixture
 def lab_user(lab: LabDovecot) -> str:
     """A fresh, empty mailbox name on ``lab`` (e.g. ``u7-1234@example.com``)."""

@@ -429,7 +429,28 @@ def test_introspection_and_secret_inventory(oauth_server, http):
     oauth_server.expire(access)
     assert http.post(oauth_server.introspect_url, data={"token": access}).json() == {
         "active": False}
-    assert {access, refresh, oauth_server.client_secret} <= set(oauth_server.all_secrets())
+    assert {access, refresh} <= set(oauth_server.all_secrets())
+
+
+def test_reset_settings_undoes_test_switches(oauth_server):
+    oauth_server.fail_mode = ("status", 500)
+    oauth_server.introspection_fail_mode = ("status", 500)
+    oauth_server.rotate_refresh_tokens = True
+    oauth_server.access_token_lifetime = 5
+    oauth_server.reset_settings()
+    assert oauth_server.fail_mode is None and oauth_server.introspection_fail_mode is None
+    assert oauth_server.rotate_refresh_tokens is False
+    assert oauth_server.access_token_lifetime == 3600
+
+
+def test_kill_connections_disconnects_the_user(lab, lab_user):
+    with seed.imap_session(lab, lab_user) as imap:
+        imap.select()
+        assert lab.kill_connections(lab_user) is True
+        with pytest.raises((ConnectionError, OSError)):
+            imap.command(b"NOOP")
+            imap.command(b"NOOP")
+    assert lab.kill_connections(lab_user) is False
 
 
 # ------------------------------------------------------------------ seeding and corpus

@@ -74,6 +74,8 @@ CLIENT_LIMIT = 5000
 INTROSPECTION_TIMEOUT_MS = 5000
 #: Timeout of one readiness probe of a port.
 PROBE_TIMEOUT = 1.0
+#: ``doveadm`` exit status for "no users kicked" (sysexits EX_NOUSER).
+DOVEADM_EX_NOUSER = 68
 #: Poll step while waiting for ports / processes.
 POLL_INTERVAL = 0.01
 #: Unprivileged owner of the mail (only used when running as root).
@@ -236,12 +238,18 @@ class LabDovecot:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def kill_connections(self, user: str) -> None:
-        """Disconnect every IMAP/POP3 session of ``user`` (``doveadm kick``)."""
-        subprocess.run(
+    def kill_connections(self, user: str) -> bool:
+        """Disconnect every IMAP/POP3 session of ``user`` (``doveadm kick``), as an upstream
+        outage would. Returns whether any session was kicked."""
+        result = subprocess.run(
             ["doveadm", "-c", str(self.config_path), "kick", user],
-            check=False, capture_output=True, timeout=STOP_TIMEOUT,
+            check=False, capture_output=True, text=True, timeout=STOP_TIMEOUT,
         )
+        if result.returncode == DOVEADM_EX_NOUSER:
+            return False
+        if result.returncode != 0:
+            raise RuntimeError(f"doveadm kick failed: {result.stderr.strip()}")
+        return True
 
     # ----------------------------------------------------------------- internals
 

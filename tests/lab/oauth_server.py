@@ -184,6 +184,12 @@ class LabOAuthServer:
         self.default_user = default_user
         self.device_interval = device_interval
         self.device_code_lifetime = device_code_lifetime
+        self._initial_settings = {
+            "access_token_lifetime": access_token_lifetime,
+            "default_user": default_user,
+            "device_interval": device_interval,
+            "device_code_lifetime": device_code_lifetime,
+        }
         self.rotate_refresh_tokens = False
         self.fail_mode: tuple[Any, ...] | None = None
         self.introspection_fail_mode: tuple[Any, ...] | None = None
@@ -193,8 +199,18 @@ class LabOAuthServer:
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        if client_secret:
-            self._state.secrets.append(client_secret)
+
+    def reset_settings(self) -> None:
+        """Undo what tests may have switched: failure modes, rotation, the client-credentials
+        user and the constructor's lifetimes/intervals. Issued tokens stay as they are.
+        (``tests/conftest.py`` calls this after every test that used the server.)"""
+        with self._lock:
+            self.rotate_refresh_tokens = False
+            self.fail_mode = None
+            self.introspection_fail_mode = None
+            self.client_credentials_user = "alice@example.com"
+            for name, value in self._initial_settings.items():
+                setattr(self, name, value)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -331,8 +347,10 @@ class LabOAuthServer:
             return [dict(r) for r in self._state.introspections]
 
     def all_secrets(self) -> list[str]:
-        """Every secret this server ever issued or holds: access and refresh tokens,
-        authorization and device codes, and the client secret."""
+        """Every secret this server ever issued: access and refresh tokens, authorization
+        and device codes (all long random strings, safe to grep logs for). The client
+        secret is not included: the default ``"secret"`` is a common word; pass a random
+        ``client_secret`` to the constructor and check ``client_secret`` separately."""
         with self._lock:
             return list(self._state.secrets)
 
