@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 import trio
 
-from tests.test_pop3_support import PopGate, pop_gate, pop3_seeded  # noqa: F401
+from tests.lab import LabDovecot, LabOAuthServer
+from tests.test_imap_support import SeededState
+from tests.test_pop3_support import PopGate, pop3_seeded, pop_gate, start_pop_gate  # noqa: F401
 
 pytestmark = pytest.mark.lab
 
@@ -159,3 +162,37 @@ async def test_second_session_gets_in_use(pop_gate: PopGate) -> None:
                 break
             await trio.sleep(0.05)
     await second.aclose()
+
+
+async def test_login_timeout_closes_without_answer(nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot,
+                                                   oauth_server: LabOAuthServer,
+                                                   pop3_seeded: SeededState) -> None:
+    gate = await start_pop_gate(nursery, tmp_path, lab, oauth_server, pop3_seeded, login_timeout=0.3)
+    w = await gate.wire()
+    assert await w.line() == b""  # RFC 1939 §3: the autologout sends nothing
+    await w.aclose()
+
+
+async def test_upstream_unreachable_is_sys_temp_and_missing_mailbox_sys_perm(
+    nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+    pop3_seeded: SeededState,
+) -> None:
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    gate = await start_pop_gate(nursery, tmp_path / "a", lab, oauth_server, pop3_seeded,
+                                imap=f"127.0.0.1:{closed_port}")
+    w = await gate.wire()
+    await w.command("USER alice")
+    assert await w.command(f"PASS {gate.password}") == b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n"
+    await w.aclose()
+    gate = await start_pop_gate(nursery, tmp_path / "b", lab, oauth_server, pop3_seeded, mailbox="no-such-box")
+    w = await gate.wire()
+    await w.command("USER alice")
+    assert await w.command(f"PASS {gate.password}") == (
+        b"-ERR [SYS/PERM] The mailbox cannot be opened upstream.\r\n"
+    )
+    # The failed login released the maildrop lock and the upstream connection: try again.
+    await w.command("USER alice")
+    assert (await w.command(f"PASS {gate.password}")).startswith(b"-ERR [SYS/PERM]")
+    await w.aclose()

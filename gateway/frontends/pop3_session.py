@@ -56,6 +56,7 @@ from ..errors import (
 )
 from ..protocol import pop3
 from ..protocol.pop3 import Code, Command, State
+from ..upstream.client import CommandFailed
 from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ REAUTHORIZE = pop3.err(
 )
 TEMP_FAILURE = pop3.err("Temporary failure, try again later.", Code.SYS_TEMP)
 IN_USE = pop3.err("Mailbox is locked by another POP3 session.", Code.IN_USE)
+MAILBOX_UNAVAILABLE = pop3.err("The mailbox cannot be opened upstream.", Code.SYS_PERM)
 PLAINTEXT_REFUSED = pop3.err(
     "Plaintext authentication disallowed on non-secure connections: use STLS.", Code.AUTH
 )
@@ -357,6 +359,7 @@ class Pop3Session:
                 size_cache=SizeCache.for_account(self.ctx.config.server.state_dir, account.name),
             )
         except AuthenticationFailed:
+            await self._release()
             self._publish_failure(username, "bad_credentials")
             log.info("pop3 %s: login failed for %r", self.stream.peer, username)
             await self.bad(AUTH_FAILED)
@@ -366,6 +369,13 @@ class Pop3Session:
             self._publish_failure(username, "reauthorization_required")
             log.warning("pop3 %s: %s", self.stream.peer, exc)
             await self.bad(REAUTHORIZE)
+            return
+        except CommandFailed as exc:  # e.g. SELECT of a mailbox that does not exist
+            await self._release()
+            assert account is not None
+            log.warning("pop3 %s: cannot open %r of %s: %s", self.stream.peer,
+                        account.user.pop3_mailbox, account.name, exc)
+            await self.send(MAILBOX_UNAVAILABLE)
             return
         except TemporaryFailure as exc:
             await self._release()
