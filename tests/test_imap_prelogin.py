@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.test_imap_e2e import quoted
 from tests.test_imap_support import Gate, caps_of, gate, seeded_state, start_seeded_gate  # noqa: F401
 
 pytestmark = pytest.mark.lab
@@ -60,7 +61,7 @@ async def test_wrong_password_and_unknown_user_get_the_same_answer(gate: Gate) -
     w = await gate.wire("imaps")
     await w.line()
     a = await w.command(b'a LOGIN alice "wrong password"')
-    b = await w.command(b"b LOGIN mallory " + b'"' + gate.password.encode() + b'"')
+    b = await w.command(b"b LOGIN mallory " + quoted(gate.password))
     assert a == [b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
     assert b == [b"b NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"]
     # The third failure ends the connection.
