@@ -174,8 +174,22 @@ async def test_vanished_message(lab: LabDovecot, oauth_server: LabOAuthServer, l
             assert b"".join([c async for c in body]) == CORPUS["simple"]
         with pytest.raises(UpstreamNo):
             await client.select("No such folder")
+        await client.select("INBOX")
+        # expunged by another session while selected here: Dovecot answers BODY[] NIL
+        await trio.to_thread.run_sync(_expunge_directly, lab, lab_user, uid)
+        with pytest.raises(MessageVanished):
+            async with client.stream_body(uid):
+                pass
+        assert (await client.command(b"NOOP")).ok
     finally:
         await client.logout()
+
+
+def _expunge_directly(lab: LabDovecot, user: str, uid: int) -> None:
+    with seed.imap_session(lab, user) as imap:
+        imap.select("INBOX")
+        imap.command(b"UID STORE %d +FLAGS.SILENT (\\Deleted)" % uid)
+        imap.command(b"UID EXPUNGE %d" % uid)
 
 
 async def test_big_body_streams_with_bounded_memory(lab: LabDovecot, oauth_server: LabOAuthServer,

@@ -763,10 +763,13 @@ class BodyStream:
                 if body is not None:
                     self.size, self._attached = len(body), body
                     return
+                # BODY[] NIL (Dovecot, message expunged meanwhile): keep reading to the tagged
+                # answer, which then finds no body and raises MessageVanished.
 
     @staticmethod
     def _attached_body(event: Response, client: UpstreamIMAP) -> bytes | None:
-        """The body section of a whole FETCH response (a small literal, ``""`` or ``NIL``)."""
+        """The body section of a whole FETCH response (a small literal or ``""``); ``None`` if
+        it has none or it is ``NIL`` (how Dovecot answers for a message expunged meanwhile)."""
         if event.keyword != b"FETCH" or event.streamed:
             return None
         try:
@@ -776,7 +779,7 @@ class BodyStream:
         for attrs in parsed.values():
             for key, value in attrs.items():
                 if isinstance(key, bytes) and key.upper().startswith((b"BODY[", b"BINARY[")):
-                    return value if isinstance(value, bytes) else b""
+                    return value if isinstance(value, bytes) else None
         return None
 
     async def _skip_streamed_literal(self) -> None:
