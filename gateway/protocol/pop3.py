@@ -463,6 +463,8 @@ class _CrlfNormaliser:
         if chunk.endswith(b"\r"):
             chunk = chunk[:-1]
             self._held_cr = True
+        if chunk.count(b"\n") == chunk.count(b"\r\n"):
+            return chunk  # the usual case: no bare LF (counting is cheaper than copying)
         # Collapsing CRLF first keeps lone CRs and turns every LF into exactly one CRLF.
         return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
