@@ -196,9 +196,12 @@ class ImapRelay:
 
     async def _answer_client(self, data: bytes) -> None:
         """Send mailgate's own response between two upstream responses."""
-        with trio.fail_after(FAREWELL_TIMEOUT):
-            async with self._out_lock:
-                await self.client.send_all(data)
+        try:
+            with trio.fail_after(FAREWELL_TIMEOUT):
+                async with self._out_lock:
+                    await self.client.send_all(data)
+        except trio.TooSlowError:
+            raise _End("client_stuck") from None
 
     # ------------------------------------------------------------------ client → upstream
 

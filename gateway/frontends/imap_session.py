@@ -83,13 +83,18 @@ async def handle_imap(stream: ClientStream, ctx: "GatewayContext") -> None:
     logged_in = await PreLogin(stream, ctx).run()
     if logged_in is None:
         return
-    relay = ImapRelay(
-        stream,
-        logged_in.upstream,
-        limits=ctx.config.limits,
-        client_buffered=logged_in.pipelined,
-        user=logged_in.account.name,
-    )
+    try:
+        relay = ImapRelay(
+            stream,
+            logged_in.upstream,
+            limits=ctx.config.limits,
+            client_buffered=logged_in.pipelined,
+            user=logged_in.account.name,
+        )
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await logged_in.upstream.aclose()
+        raise
     stream.outcome = await relay.run()
 
 
