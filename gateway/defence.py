@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -94,6 +95,11 @@ class Verdict:
 
 
 ALLOW = Verdict(0.0, False)
+
+
+def _outstanding(score: float) -> int:
+    """Failures still counted: a partly decayed one counts whole until it is forgiven."""
+    return math.ceil(score - 1e-9)
 
 
 class _Penalties:
@@ -172,7 +178,7 @@ class AuthThrottle:
         score = self.penalty(peer, user)
         if score <= 0:
             return ALLOW
-        refuse = score >= self.refuse_after
+        refuse = _outstanding(score) >= self.refuse_after
         if refuse:
             self.refused += 1
         return Verdict(self._delay(score), refuse)
@@ -188,8 +194,7 @@ class AuthThrottle:
     def _delay(self, score: float) -> float:
         if score <= 0:
             return 0.0
-        # A partly decayed score still counts as one whole failure until it is gone.
-        doublings = max(0, int(score + 0.999_999) - 1)
+        doublings = max(0, _outstanding(score) - 1)
         if doublings >= 32:  # 2**32 · base is far beyond any cap; avoid huge floats
             return self.max_delay
         return min(self.max_delay, self.base_delay * (2**doublings))

@@ -89,10 +89,12 @@ def test_penalties_decay_one_failure_per_interval(throttle: AuthThrottle, clock:
         throttle.record_failure("192.0.2.1", "alice")
     assert throttle.check("192.0.2.1", "alice").refuse
     clock.now += PENALTY_DECAY_INTERVAL * 0.5
-    assert not throttle.check("192.0.2.1", "alice").refuse  # 9.5 points: checked again
-    clock.now += PENALTY_DECAY_INTERVAL * (REFUSE_AFTER_FAILURES - 3)
+    assert throttle.check("192.0.2.1", "alice").refuse  # a failure counts until forgiven whole
+    clock.now += PENALTY_DECAY_INTERVAL * 0.5
+    assert not throttle.check("192.0.2.1", "alice").refuse  # one forgiven: checked again
+    clock.now += PENALTY_DECAY_INTERVAL * (REFUSE_AFTER_FAILURES - 3.5)
     assert throttle.delay_for("192.0.2.1", "alice") == 8.0  # 2.5 points count as 3
-    clock.now += PENALTY_DECAY_INTERVAL * 3
+    clock.now += PENALTY_DECAY_INTERVAL * 2.5
     assert throttle.check("192.0.2.1", "alice").delay == 0
     assert throttle.tracked == (0, 0)  # fully decayed entries are dropped
 
@@ -242,3 +244,77 @@ async def test_zero_wait_fails_at_once_when_full(autojump_clock: trio.testing.Mo
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         UpstreamSlots("alice", capacity=0, wait=1)
+
+
+# --- AccountManager.login with the throttle (real state store, real argon2) ------------------
+
+from gateway.errors import AuthenticationFailed  # noqa: E402
+from gateway.oauth.accounts import AccountManager  # noqa: E402
+from tests.test_oauth_accounts import _seed  # noqa: E402
+from tests.test_oauth_support import PASSWORD, idp, make_config  # noqa: E402,F401
+
+REFUSE_AFTER = 3  # a small threshold keeps these tests to a few derivations
+
+
+@pytest.fixture
+async def manager(idp, tmp_path) -> AccountManager:  # type: ignore[no-untyped-def]
+    config = make_config(idp, tmp_path)
+    _, refresh_token = idp.issue_tokens("alice@example.com")
+    await _seed(config, refresh_token)
+    manager = AccountManager(config)
+    manager.throttle = AuthThrottle(base_delay=0, refuse_after=REFUSE_AFTER)
+    return manager
+
+
+async def fails_like_a_wrong_password(manager: AccountManager, user: str, password: str,
+                                      peer: str) -> None:
+    with pytest.raises(AuthenticationFailed) as info:
+        await manager.login(user, password, peer=peer)
+    assert str(info.value) == "authentication failed"
+
+
+@pytest.mark.lab
+async def test_a_throttled_attempt_is_refused_unchecked_and_looks_like_a_wrong_password(
+    manager: AccountManager,
+) -> None:
+    for _ in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    runs = manager.kdf.runs
+    # The right password is not even checked now (no derivation), and the answer is the same.
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.1")
+    # Per user: the same from another address.
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "198.51.100.7")
+    assert manager.kdf.runs == runs
+    assert manager.throttle.refused == 2
+
+
+@pytest.mark.lab
+async def test_unknown_user_names_are_throttled_per_address(manager: AccountManager) -> None:
+    for n in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, f"nobody{n}", "guess", "192.0.2.1")
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.1")
+    # Another address is not penalised: the real user logs in there, which clears nothing
+    # for the guessing address.
+    assert (await manager.login("alice", PASSWORD, peer="198.51.100.7")).name == "alice"
+    assert manager.throttle.check("192.0.2.1", "nobody-else").refuse
+
+
+@pytest.mark.lab
+async def test_a_recently_verified_password_is_never_locked_out(manager: AccountManager) -> None:
+    await manager.login("alice", PASSWORD, peer="192.0.2.10")  # the user's phone, verified
+    for _ in range(REFUSE_AFTER + 2):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.66")
+    runs = manager.kdf.runs
+    assert (await manager.login("alice", PASSWORD, peer="192.0.2.66")).name == "alice"
+    assert manager.kdf.runs == runs  # served by the credential cache
+    assert manager.throttle.check("192.0.2.66", "alice").delay == 0  # success cleared it
+
+
+@pytest.mark.lab
+async def test_penalty_delay_is_served_before_the_check(manager: AccountManager) -> None:
+    manager.throttle = AuthThrottle(base_delay=0.2, refuse_after=100)
+    await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    assert manager.throttle.delay_for("192.0.2.1", "alice") == pytest.approx(0.2)
+    start = trio.current_time()
+    await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    assert trio.current_time() - start >= 0.2

@@ -342,7 +342,7 @@ class Pop3Session:
     async def log_in(self, username: str, password: str) -> None:
         account = None
         try:
-            account = await self.ctx.accounts.login(username, password)
+            account = await self.ctx.accounts.login(username, password, peer=self.stream.peer_host)
             self.lock = MaildropLock(self.ctx.config.server.state_dir, account.name)
             if not self.lock.acquire():
                 self.lock = None

@@ -46,7 +46,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
+from ..defence import ALLOW, AuthThrottle
 from ..errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
+from ..upstream.slots import UpstreamSlots
 from . import credentials, grants
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .jwt import ServiceAccountKey
@@ -92,6 +94,10 @@ class Account:
         self._status_written: str | None = None
         self._publish = publish
         self.login_lock = trio.Lock()
+        # The per-account cap on upstream connections (taken by gateway.upstream.login).
+        self.upstream_slots = UpstreamSlots(
+            name, capacity=limits.upstream_connections_per_account, wait=limits.upstream_slot_wait
+        )
 
     def __repr__(self) -> str:
         return f"<Account {self.name} provider={self.provider.name} flow={self.provider.flow}>"
@@ -176,6 +182,8 @@ class Account:
         """After a config reload: keep the unlocked data key of the same user and provider."""
         if previous.provider.name == self.provider.name:
             self._data_key = previous._data_key
+            if previous.upstream_slots.capacity == self.upstream_slots.capacity:
+                self.upstream_slots = previous.upstream_slots  # running sessions hold its slots
 
     async def _refresh(self, timeout: float) -> TokenResponse:
         stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)
@@ -277,6 +285,8 @@ class AccountManager:
         self.store = store if store is not None else StateStore(config.server.state_dir)
         self.kdf = KdfPool(config.limits.kdf_concurrency)
         self.credentials = CredentialCache()
+        # Per-IP / per-user penalties for failed logins (gateway.defence).
+        self.throttle = AuthThrottle(base_delay=config.limits.auth_failure_delay)
         self.events = events
         self._accounts: dict[str, Account] = {}
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
@@ -321,11 +331,22 @@ class AccountManager:
             return username
         return self._by_upstream.get(username.casefold())
 
-    async def login(self, username: str, password: str) -> Account:
+    async def login(self, username: str, password: str, *, peer: str | None = None) -> Account:
+        """Check a client's local password. ``peer`` (the client's IP address) enables the
+        per-IP / per-user penalties of :class:`~gateway.defence.AuthThrottle`: a penalised
+        attempt waits first, and a heavily penalised one is refused unchecked -- answered
+        exactly like a wrong password. A password verified recently (the credential cache)
+        passes at once, so a guesser on the same network cannot lock out working devices."""
         name = self.resolve(username)
+        who = (peer, name or username) if peer is not None else None
+        verdict = self.throttle.check(*who) if who is not None else ALLOW
+        if verdict is not ALLOW and not await self._recently_verified(name, password):
+            await trio.sleep(verdict.delay)
+            if verdict.refuse:
+                await self._fail(name or username, "throttled after repeated failures", who)
         if name is None:
             await self.kdf.run(burn_verification, password)
-            await self._fail(username, "unknown user")
+            await self._fail(username, "unknown user", who)
         account = self.account(name)
         record = await self._record(name)
         failure = None
@@ -339,7 +360,9 @@ class AccountManager:
                 if not self._cached(account, record, password):
                     failure = await self._verify(account, record, password)
         if failure is not None:  # the failure delay is served outside the lock
-            await self._fail(name, failure)
+            await self._fail(name, failure, who)
+        if who is not None:
+            self.throttle.record_success(*who)
         assert record is not None
         if record.provider != account.provider.name:
             raise ReauthorizationRequired(
@@ -347,6 +370,12 @@ class AccountManager:
             )
         await account.check_usable()
         return account
+
+    async def _recently_verified(self, name: str | None, password: str) -> bool:
+        if name is None:
+            return False
+        record = await self._record(name)
+        return record is not None and self._cached(self.account(name), record, password)
 
     def _cached(self, account: Account, record: AccountRecord, password: str) -> bool:
         return self.credentials.check(account.name, password, record.password_hash) and (
@@ -374,7 +403,9 @@ class AccountManager:
             log.error("state store unavailable: %s", exc)
             raise TemporaryFailure("credential store unavailable") from None
 
-    async def _fail(self, name: str, reason: str) -> NoReturn:
+    async def _fail(self, name: str, reason: str, who: tuple[str, str] | None = None) -> NoReturn:
+        if who is not None:
+            self.throttle.record_failure(*who)
         log.info("login failed for %r: %s", name, reason)
         await trio.sleep(self.limits.auth_failure_delay)
         raise AuthenticationFailed(AUTH_FAILED_MESSAGE)
