@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,10 @@ def seed(info: LabInfo, groups: set[str], settings: Settings) -> None:
             future.result()
 
 
+def _load(values: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
+
+
 def dovecot_version() -> str:
     try:
         done = subprocess.run(["dovecot", "--version"], capture_output=True, text=True,
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     settings = Settings.quick_mode() if args.quick else Settings.full()
+    load_before = os.getloadavg()
     python = sys.executable
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
     groups = set().union(*(MAILBOXES_FOR[n] for n in selected))
@@ -232,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             progress(f"work directory kept: {workdir}")
         progress("stopping mailgate, the load workers and the lab")
+    load_after = os.getloadavg()
     table = format_table(figures)
     print(table)
+    print(f"load average (1/5/15 min) before: {_load(load_before)}, after: {_load(load_after)}"
+          f" on {os.cpu_count()} cores (anything above the benchmark's own share is a "
+          "neighbour: compare ratios, not absolute numbers)")
     document = to_json(figures, machine_description(dovecot_version()), {
-        "quick": settings.quick, **{k: v for k, v in vars(settings).items()},
-        "only": selected, "seconds": round(time.monotonic() - _started, 1),
+        **vars(settings), "only": selected, "seconds": round(time.monotonic() - _started, 1),
+        "loadavg_before": load_before, "loadavg_after": load_after,
     })
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(document, indent=2) + "\n")

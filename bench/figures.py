@@ -447,18 +447,46 @@ def _timed_fetch(session: IMAPClient, uid: int) -> float:
 # ------------------------------------------------------------------------------ figures 5, 6
 
 
-def _throughput(samples: list[tuple[int, float]]) -> Measurement:
+CpuProbe = Callable[[], tuple[float, float]]
+Transfer = Callable[[], tuple[int, float]]
+
+
+def _throughput(samples: list[tuple[int, float]], cpu: list[tuple[float, float]],
+                who: str) -> Measurement:
+    """Median MB/s of ``(bytes, seconds)`` samples, with the server's CPU time per transfer
+    (``cpu``: (user, system) seconds per sample; ``who`` names the server)."""
     rates = [megabytes_per_second(n, sec) for n, sec in samples]
-    return Measurement(median(rates), "MB/s", f"min {min(rates):.0f}",
-                       extra={"rates_mb_s": rates, "bytes": samples[0][0]})
+    extra: dict[str, object] = {"rates_mb_s": rates, "bytes": samples[0][0]}
+    detail = f"min {min(rates):.0f}"
+    if cpu:
+        per_transfer = [u + s for u, s in cpu]
+        busy = [c / sec for c, (_, sec) in zip(per_transfer, samples)]
+        extra.update({f"{who}_cpu_s": per_transfer, f"{who}_cpu_per_wall": busy,
+                      f"{who}_user_share": sum(u for u, _ in cpu) / max(1e-9, sum(per_transfer))})
+        detail += (f"; {who} CPU {median(per_transfer) * 1000:.0f} ms"
+                   f" = {median(busy):.0%} of wall")
+    return Measurement(median(rates), "MB/s", detail, extra=extra)
 
 
-def _interleaved(runs: int, direct: Callable[[], tuple[int, float]],
-                 gateway: Callable[[], tuple[int, float]] | None,
-                 gateway_error: str | None) -> tuple[Measurement, Measurement]:
-    """``runs`` timed transfers per side, alternating; one untimed warm-up each first."""
+def _timed_cpu(transfer: Transfer, probe: CpuProbe | None
+               ) -> tuple[tuple[int, float], tuple[float, float] | None]:
+    before = probe() if probe else None
+    sample = transfer()
+    if probe is None or before is None:
+        return sample, None
+    after = probe()
+    return sample, (after[0] - before[0], after[1] - before[1])
+
+
+def _interleaved(runs: int, direct: Transfer, gateway: Transfer | None,
+                 gateway_error: str | None, direct_cpu: CpuProbe | None = None,
+                 gateway_cpu: CpuProbe | None = None) -> tuple[Measurement, Measurement]:
+    """``runs`` timed transfers per side, alternating, after one untimed warm-up each; the
+    CPU probes are read around every timed transfer (Dovecot's, mailgate's CPU time)."""
     d: list[tuple[int, float]] = []
     g: list[tuple[int, float]] = []
+    d_cpu: list[tuple[float, float]] = []
+    g_cpu: list[tuple[float, float]] = []
     direct()
     if gateway is not None and gateway_error is None:
         try:
@@ -466,16 +494,48 @@ def _interleaved(runs: int, direct: Callable[[], tuple[int, float]],
         except Exception as exc:  # noqa: BLE001
             gateway_error = reason(exc)
     for _ in range(runs):
-        d.append(direct())
+        sample, cpu = _timed_cpu(direct, direct_cpu)
+        d.append(sample)
+        if cpu:
+            d_cpu.append(cpu)
         if gateway is not None and gateway_error is None:
             try:
-                g.append(gateway())
+                sample, cpu = _timed_cpu(gateway, gateway_cpu)
             except Exception as exc:  # noqa: BLE001
                 gateway_error = reason(exc)
-    baseline = _throughput(d)
+                continue
+            g.append(sample)
+            if cpu:
+                g_cpu.append(cpu)
+    baseline = _throughput(d, d_cpu, "Dovecot")
     if gateway_error is not None or not g:
         return Measurement.missing(gateway_error or "no samples"), baseline
-    return _throughput(g), baseline
+    return _throughput(g, g_cpu, "mailgate"), baseline
+
+
+def _dovecot_cpu(env: BenchEnv) -> CpuProbe | None:
+    """Summed (user, system) CPU time of every Dovecot process (imap, imap-login, ...)."""
+    if not env.info.dovecot_pid:
+        return None
+
+    def probe() -> tuple[float, float]:
+        user = system = 0.0
+        for pid in _dovecot_processes(env):
+            try:
+                u, s = procstat.cpu_times(pid)
+            except OSError:
+                continue
+            user += u
+            system += s
+        return user, system
+    return probe
+
+
+def _gateway_cpu(env: BenchEnv) -> CpuProbe | None:
+    if env.gateway is None:
+        return None
+    pid = env.gateway.pid
+    return lambda: procstat.cpu_times(pid)
 
 
 def _fetch_timer(session: IMAPClient) -> Callable[[], tuple[int, float]]:
@@ -508,7 +568,8 @@ def fig_big_fetch(env: BenchEnv) -> list[Figure]:
                 error = reason(exc)
         mailgate, baseline = _interleaved(
             env.settings.transfer_repeats, _fetch_timer(direct_session),
-            _fetch_timer(gateway_session) if gateway_session else None, error)
+            _fetch_timer(gateway_session) if gateway_session else None, error,
+            _dovecot_cpu(env), _gateway_cpu(env))
     finally:
         direct_session.logout()
         if gateway_session is not None:
@@ -534,7 +595,8 @@ def fig_big_retr(env: BenchEnv) -> list[Figure]:
                 error = reason(exc)
         mailgate, baseline = _interleaved(
             env.settings.transfer_repeats, _retr_timer(direct_session),
-            _retr_timer(gateway_session) if gateway_session else None, error)
+            _retr_timer(gateway_session) if gateway_session else None, error,
+            _dovecot_cpu(env), _gateway_cpu(env))
     finally:
         direct_session.close()  # no QUIT: nothing changes in the mailbox
         if gateway_session is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "hwm_kib",
     "pss_kib",
     "cpu_seconds",
+    "cpu_times",
     "reset_peak",
     "children",
     "PeakSampler",
@@ -75,12 +76,17 @@ def pss_kib(pids: Iterable[int]) -> int:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far, seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time the process has used so far, seconds."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far, seconds."""
+    return sum(cpu_times(pid))
 
 
 def reset_peak(pid: int) -> bool:
