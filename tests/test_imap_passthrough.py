@@ -164,7 +164,7 @@ def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_responses(), min_size=1, max_size=8), st.lists(st.integers(min_value=0), max_size=12))
 def test_any_split_relays_identically(responses: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(responses)
@@ -173,7 +173,7 @@ def test_any_split_relays_identically(responses: list[bytes], cuts: list[int]) -
     assert scan(_split(stream, cuts), max_line=100) == whole
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=800), st.lists(st.integers(min_value=0), max_size=6))
 def test_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int]) -> None:
     try:
