@@ -52,6 +52,7 @@ from ..protocol.imap_commands import (
     CommandRelay,
     Forward,
     ProtocolError,
+    astring,
     bye,
     parse_arguments,
     tagged,
@@ -264,8 +265,8 @@ class ImapRelay:
             self.logout_sent = True
         elif line.name in (b"SELECT", b"EXAMINE"):
             args = parse_arguments(line.arguments) if line.literal is None else None
-            mailbox = bytes(args[0]).decode("utf-8", "replace") if args and not isinstance(args[0], tuple) else None
-            self._selecting[line.tag] = mailbox
+            name = astring(args[0]) if args else None
+            self._selecting[line.tag] = None if name is None else name.decode("utf-8", "replace")
         elif line.name in (b"CLOSE", b"UNSELECT"):
             self._selecting[line.tag] = None
 

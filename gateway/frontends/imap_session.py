@@ -74,8 +74,14 @@ FAREWELL_TIMEOUT = 5.0
 #: The ``[ALERT]`` shown to a user whose upstream grant needs renewing (the log names the fix).
 REAUTHORIZE_ALERT = "Your mail account must be authorized again: please contact your administrator."
 
-_AUTH_FAILED = ("NO", "Authentication failed.", "AUTHENTICATIONFAILED")
-_UNAVAILABLE = ("NO", "Mail server temporarily unavailable, try again later.", "UNAVAILABLE")
+UNAVAILABLE = "Mail server temporarily unavailable, try again later."
+UNSUPPORTED_MECHANISM = "Unsupported authentication mechanism."
+PRIVACY_REQUIRED = "Plaintext authentication is not allowed without TLS: use STARTTLS."
+
+
+def _auth_failed(tag: bytes) -> bytes:
+    """The one answer for an unknown user, a wrong password and a dead grant alike."""
+    return tagged(tag, "NO", "Authentication failed.", code="AUTHENTICATIONFAILED")
 
 
 async def handle_imap(stream: ClientStream, ctx: "GatewayContext") -> None:
@@ -202,7 +208,8 @@ class PreLogin:
     # -- commands
 
     async def _capability(self, cmd: Command) -> None:
-        await self.send(capability_response(self.capabilities()) + tagged(cmd.tag, "OK", "Capability completed."))
+        caps = capability_response(self.capabilities())
+        await self.send(caps + tagged(cmd.tag, "OK", "Capability completed."))
 
     async def _noop(self, cmd: Command) -> None:
         await self.send(tagged(cmd.tag, "OK", "NOOP completed."))
@@ -217,7 +224,10 @@ class PreLogin:
 
     async def _starttls(self, cmd: Command) -> None:
         if not self.starttls_offered:
-            await self._bad(cmd.tag, "TLS is already active" if self.stream.tls_active else "STARTTLS is not offered here")
+            reason = "TLS is already active"
+            if not self.stream.tls_active:
+                reason = "STARTTLS is not offered here"
+            await self._bad(cmd.tag, reason)
             return
         await self.send(tagged(cmd.tag, "OK", "Begin TLS negotiation now."))
         self.reader.discard_buffer()  # plaintext sent after STARTTLS must never run
@@ -245,33 +255,43 @@ class PreLogin:
         mechanism = bytes(cmd.args[0]).upper()  # type: ignore[arg-type]
         initial = astring(cmd.args[1]) if len(cmd.args) == 2 else None
         if mechanism not in (b"PLAIN", b"LOGIN"):
-            await self.send(tagged(cmd.tag, "NO", "Unsupported authentication mechanism.", "CANNOT"))
+            await self.send(tagged(cmd.tag, "NO", UNSUPPORTED_MECHANISM, code="CANNOT"))
             return None
         if not await self._password_allowed(cmd.tag):
             return None
+        exchange = self._sasl_plain if mechanism == b"PLAIN" else self._sasl_login
         try:
-            if mechanism == b"PLAIN":
-                answer = initial if initial is not None else await self._read_answer(cmd.tag, b"")
-                if answer is None:
-                    return None
-                creds = sasl.decode_plain(answer)
-                if creds.authzid and creds.authzid != creds.authcid:
-                    await self.send(tagged(cmd.tag, "NO", "Cannot act as another user.", "AUTHORIZATIONFAILED"))
-                    return None
-                user, password = creds.authcid, creds.password
-            else:
-                first = initial if initial is not None else await self._read_answer(cmd.tag, sasl.LOGIN_USERNAME_CHALLENGE)
-                if first is None:
-                    return None
-                user = sasl.decode_login_step(first)
-                second = await self._read_answer(cmd.tag, sasl.LOGIN_PASSWORD_CHALLENGE)
-                if second is None:
-                    return None
-                password = sasl.decode_login_step(second)
+            credentials = await exchange(cmd.tag, initial)
         except sasl.SASLError as exc:
             await self._bad(cmd.tag, str(exc))
             return None
-        return await self._log_in(cmd.tag, user, password)
+        if credentials is None:
+            return None
+        return await self._log_in(cmd.tag, *credentials)
+
+    async def _sasl_plain(self, tag: bytes, initial: bytes | None) -> tuple[str, str] | None:
+        """RFC 4616 PLAIN: one message, from SASL-IR or after an empty challenge."""
+        answer = initial if initial is not None else await self._read_answer(tag, b"")
+        if answer is None:
+            return None
+        creds = sasl.decode_plain(answer)
+        if creds.authzid and creds.authzid != creds.authcid:
+            await self.send(tagged(tag, "NO", "Cannot act as another user.", "AUTHORIZATIONFAILED"))
+            return None
+        return creds.authcid, creds.password
+
+    async def _sasl_login(self, tag: bytes, initial: bytes | None) -> tuple[str, str] | None:
+        """The LOGIN mechanism: user name (or SASL-IR), then password, each after a challenge."""
+        first = initial
+        if first is None:
+            first = await self._read_answer(tag, sasl.LOGIN_USERNAME_CHALLENGE)
+            if first is None:
+                return None
+        user = sasl.decode_login_step(first)
+        second = await self._read_answer(tag, sasl.LOGIN_PASSWORD_CHALLENGE)
+        if second is None:
+            return None
+        return user, sasl.decode_login_step(second)
 
     async def _read_answer(self, tag: bytes, challenge: bytes) -> bytes | None:
         """Send a SASL challenge and read the answer line; ``None`` if the client cancelled."""
@@ -288,9 +308,7 @@ class PreLogin:
         if self.stream.plaintext_auth_allowed():
             return True
         self._publish_failure("-", "plaintext_refused")
-        await self.send(
-            tagged(tag, "NO", "Plaintext authentication is not allowed without TLS: use STARTTLS.", "PRIVACYREQUIRED")
-        )
+        await self.send(tagged(tag, "NO", PRIVACY_REQUIRED, code="PRIVACYREQUIRED"))
         return False
 
     # -- the login itself
@@ -303,20 +321,18 @@ class PreLogin:
         except AuthenticationFailed:
             self._publish_failure(username, "bad_credentials")
             log.info("imap %s: login failed for %r", self.stream.peer, username)
-            await self.send(tagged(tag, *_AUTH_FAILED[:2], _AUTH_FAILED[2]))
+            await self.send(_auth_failed(tag))
             return await self._count_failed_login()
         except ReauthorizationRequired as exc:
             self._publish_failure(username, "reauthorization_required")
             log.warning("imap %s: %s", self.stream.peer, exc)
-            await self.send(
-                tagged(b"*", "NO", REAUTHORIZE_ALERT, "ALERT") + tagged(tag, *_AUTH_FAILED[:2], _AUTH_FAILED[2])
-            )
+            await self.send(tagged(b"*", "NO", REAUTHORIZE_ALERT, code="ALERT") + _auth_failed(tag))
             return await self._count_failed_login()
         except TemporaryFailure as exc:
             self._publish_failure(username, "temporary")
             who = account.name if account is not None else username
             log.warning("imap %s: login of %r failed for now: %s", self.stream.peer, who, exc)
-            await self.send(tagged(tag, *_UNAVAILABLE[:2], _UNAVAILABLE[2]))
+            await self.send(tagged(tag, "NO", UNAVAILABLE, code="UNAVAILABLE"))
             return None
         try:
             caps = client_capabilities(_ordered(upstream.capabilities))
@@ -326,9 +342,7 @@ class PreLogin:
                 await upstream.aclose()
             raise
         self.stream.user = account.name
-        self.ctx.events.publish(
-            {"type": "session.authenticated", "protocol": "imap", "peer": self.stream.peer, "user": account.name}
-        )
+        self._publish("session.authenticated", user=account.name)
         log.info("imap %s: %s logged in", self.stream.peer, account.name)
         return LoggedIn(account=account, upstream=upstream, pipelined=self.reader.take_buffered())
 
@@ -339,9 +353,11 @@ class PreLogin:
         return None
 
     def _publish_failure(self, user: str, reason: str) -> None:
-        self.ctx.events.publish(
-            {"type": "login.failed", "protocol": "imap", "peer": self.stream.peer, "user": user, "reason": reason}
-        )
+        self._publish("login.failed", user=user, reason=reason)
+
+    def _publish(self, kind: str, **fields: str) -> None:
+        event = {"type": kind, "protocol": "imap", "peer": self.stream.peer, **fields}
+        self.ctx.events.publish(event)
 
 
 _HANDLERS = {

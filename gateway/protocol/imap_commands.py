@@ -239,7 +239,9 @@ def _literal_at_end(text: bytes) -> _Literal | None:
     return _Literal(start=m.start(), size=size, sync=not m.group(3), binary=bool(m.group(1)))
 
 
-def rewrite_nonsync_literal(line: bytes, limit: int | None = LITERAL_MINUS_MAX) -> tuple[bytes, bool]:
+def rewrite_nonsync_literal(
+    line: bytes, limit: int | None = LITERAL_MINUS_MAX
+) -> tuple[bytes, bool]:
     """Turn a trailing ``{n+}`` into ``{n}`` when *n* exceeds ``limit``.
 
     ``line`` is one command line with its line ending. ``limit`` is the largest non-synchronizing

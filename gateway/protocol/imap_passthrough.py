@@ -55,7 +55,9 @@ DEFAULT_MAX_LINE: Final = 64 * 1024
 _LITERAL_TAIL: Final = 32
 
 #: Capabilities a client must not see after login (an entry ending in "=" is a prefix).
-POST_LOGIN_DROP: Final = (b"AUTH=", b"SASL-IR", b"STARTTLS", b"LOGINDISABLED", b"COMPRESS=", b"LITERAL-")
+POST_LOGIN_DROP: Final = (
+    b"AUTH=", b"SASL-IR", b"STARTTLS", b"LOGINDISABLED", b"COMPRESS=", b"LITERAL-"
+)
 #: Capabilities mailgate adds after login: it converts literals for LITERAL- upstreams itself.
 POST_LOGIN_ADD: Final = (b"LITERAL+",)
 
@@ -96,12 +98,12 @@ Item: TypeAlias = Union[memoryview, bytes, Continuation, Tagged, Bye]
 
 def client_capabilities(upstream: Iterable[str]) -> list[str]:
     """The upstream's post-login capabilities as mailgate's clients see them."""
+    drop = [d.decode() for d in POST_LOGIN_DROP]
     out: list[str] = []
     for cap in upstream:
         up = cap.upper()
-        if any(up.startswith(d.decode()) if d.endswith(b"=") else up == d.decode() for d in POST_LOGIN_DROP):
-            continue
-        out.append(cap)
+        if not any(up.startswith(d) if d.endswith("=") else up == d for d in drop):
+            out.append(cap)
     present = {c.upper() for c in out}
     out += [a.decode() for a in POST_LOGIN_ADD if a.decode() not in present]
     return out
@@ -167,7 +169,8 @@ class ResponseScanner:
                     special = self._line(line)
                     items.append(line if special is None else special)
                 continue
-            if not self._response_start or (data[pos] == 0x2A and data[pos + 2 : pos + 3].isdigit()):
+            numbered = data[pos] == 0x2A and data[pos + 2 : pos + 3].isdigit()
+            if not self._response_start or numbered:
                 # Fast path: data inside a response, or "* <number> ..." (FETCH, EXISTS, ...).
                 if data[nl - 1] == 0x7D or (data[nl - 1] == 0x0D and data[nl - 2] == 0x7D):
                     self._after_data_line(data[max(pos, nl - _LITERAL_TAIL) : end])
