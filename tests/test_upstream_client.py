@@ -350,3 +350,22 @@ async def test_partial_fetch_past_the_end_is_empty(lab: LabDovecot, oauth_server
         assert body.size == 0
     finally:
         await client.logout()
+
+
+async def test_cancelled_command_makes_connection_unusable(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                           lab_user: str) -> None:
+    size = 2 * 1024 * 1024
+    uid = seed.append(lab, lab_user, big_message_chunks(size), size=size)
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        with trio.CancelScope() as scope:
+            async with client.stream_body(uid) as body:
+                async for _ in body:
+                    scope.cancel()  # the caller's deadline strikes mid-body
+                    await trio.sleep(0)
+        assert scope.cancelled_caught
+        with pytest.raises(UpstreamError, match="unusable"):
+            await client.command(b"NOOP")
+    finally:
+        await client.logout()

@@ -30,9 +30,20 @@ caller that leaves normally has the remaining bytes drained so the connection st
 For the IMAP relay after login, :meth:`detach` hands over the raw trio stream plus any bytes
 already read but not yet consumed; closing that stream also releases the connection's slot.
 
-Contract changes against the original brief: ``stream_body`` yields ``bytes`` chunks (as
-promised) and also exposes ``.size`` on the object the context manager returns;
-``command()`` never raises on ``NO``/``BAD``.
+A command that ends without its tagged answer (an error, or a cancellation from the caller's
+deadline) leaves the stream at an unknown point: the connection is then marked unusable.
+
+Additions to the shared contract (nothing was renamed):
+
+* ``stream_body(...)`` returns a :class:`BodyStream`: ``async with`` it, then ``async for``
+  the chunks; ``body.size`` is the literal's size;
+* ``command()`` returns the :class:`UpstreamResponse` on ``NO``/``BAD`` too (``.check()``
+  raises); ``select(..., readonly=True)`` is EXAMINE;
+* ``detach()`` → ``(stream, buffered_bytes)`` for the IMAP relay;
+* errors: :class:`CommandFailed` (:class:`UpstreamNo`, :class:`UpstreamBad`; ``.backoff``
+  for Microsoft throttling) and :class:`MessageVanished`, all ``UpstreamError`` subclasses;
+* ``uid_expunge`` without UIDPLUS falls back to a plain ``EXPUNGE`` (callers that must not
+  remove other clients' ``\\Deleted`` messages check ``"UIDPLUS" in capabilities`` first).
 """
 
 from __future__ import annotations
@@ -388,8 +399,17 @@ class UpstreamIMAP:
             raise ValueError("an upstream command must be a single line")
         tag = self._next_tag()
         name = _command_name(cmd)
-        await self._send(tag + b" " + cmd + b"\r\n")
-        return await self._collect(tag, name)
+        try:
+            await self._send(tag + b" " + cmd + b"\r\n")
+            return await self._collect(tag, name)
+        except BaseException:
+            self._interrupted(name)
+            raise
+
+    def _interrupted(self, name: str) -> None:
+        """A command ended without its tagged answer (error or cancellation): the stream is
+        now at an unknown point, so the connection must not be used again."""
+        self._broken = self._broken or f"the upstream connection is unusable after an interrupted {name}"
 
     async def _collect(self, tag: bytes, name: str) -> UpstreamResponse:
         untagged: list[Response] = []
@@ -457,6 +477,15 @@ class UpstreamIMAP:
         name = f"AUTHENTICATE {mechanism.upper()}"
         sent_ir = "SASL-IR" in self.capabilities
         line = tag + b" AUTHENTICATE " + mech + (b" " + initial_response if sent_ir else b"")
+        try:
+            return await self._authenticate_exchange(tag, name, line, initial_response, error_reply, sent_ir)
+        except BaseException:
+            self._interrupted(name)
+            raise
+
+    async def _authenticate_exchange(
+        self, tag: bytes, name: str, line: bytes, initial_response: bytes, error_reply: bytes, sent_ir: bool
+    ) -> tuple[UpstreamResponse, bytes | None]:
         await self._send(line + b"\r\n")
         challenge: bytes | None = None
         untagged: list[Response] = []
@@ -704,8 +733,14 @@ class BodyStream:
         client = self._client
         client._check_usable()
         self._tag = client._next_tag()
-        await client._send(self._tag + b" " + self._command + b"\r\n")
-        await self._find_body()
+        try:
+            await client._send(self._tag + b" " + self._command + b"\r\n")
+            await self._find_body()
+        except MessageVanished:
+            raise  # the tagged answer was read: the connection is fine
+        except BaseException:
+            client._interrupted("UID FETCH")
+            raise
         return self
 
     async def __aexit__(
@@ -714,10 +749,14 @@ class BodyStream:
         if self._done:
             return
         if exc_type is not None:
-            self._client._broken = self._client._broken or "a body transfer was abandoned half-way"
+            self._client._interrupted("UID FETCH")
             return
-        async for _ in self:  # drain what the caller did not read
-            pass
+        try:
+            async for _ in self:  # drain what the caller did not read
+                pass
+        except BaseException:
+            self._client._interrupted("UID FETCH")
+            raise
 
     def __aiter__(self) -> BodyStream:
         return self
