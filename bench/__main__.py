@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fewer samples and sessions (a smoke run, ~1 minute)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"where to write the results (default {DEFAULT_JSON})")
-    parser.add_argument("--profile", action="store_true",
-                        help="sample mailgate with py-spy during each figure; print where its "
-                             "CPU time went (profiled figures are slower: not for the docs)")
+    parser.add_argument("--profile", nargs="?", const="wall", choices=["wall", "gil"],
+                        help="sample mailgate with py-spy during each figure and print where "
+                             "its time went; 'gil': only samples running Python code "
+                             "(profiled figures are slower: not for the docs)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (mailgate config, state, log)")
     return parser
@@ -158,14 +159,15 @@ def warm_up(env: BenchEnv) -> None:
         list(pool.map(login, env.users))
 
 
-def profiled(number: int, env: BenchEnv, directory: Path) -> list[Figure]:
+def profiled(number: int, env: BenchEnv, directory: Path, mode: str) -> list[Figure]:
     """Run one figure with py-spy attached to mailgate; print the hot spots."""
     py_spy = py_spy_path()
     if py_spy is None or env.gateway is None:
         progress("--profile: " + ("py-spy is not installed (pip install -e '.[bench]')"
                                   if py_spy is None else "mailgate is not running"))
         return run_figure(number, env)
-    profiler = Profiler(env.gateway.pid, directory / f"profile-figure{number}.txt", py_spy)
+    profiler = Profiler(env.gateway.pid, directory / f"profile-figure{number}-{mode}.txt",
+                        py_spy, gil_only=mode == "gil")
     with profiler:
         figures = run_figure(number, env)
     print(format_hotspots(f"figure {number} ({profiler.output})", profiler.text()),
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in selected:
             progress(f"figure {number}: {FIGURES[number].__name__}")
             if args.profile:
-                figures += profiled(number, env, args.json.parent)
+                figures += profiled(number, env, args.json.parent, args.profile)
             else:
                 figures += run_figure(number, env)
         if args.keep:

@@ -334,18 +334,24 @@ def fig_login_rate(env: BenchEnv) -> list[Figure]:
     s = env.settings
 
     def rate(gateway: bool) -> Measurement:
-        result = env.pool.run(login_loop, _login_spec(env, gateway, s.load_clients,
-                                                      s.load_duration))
+        spec = _login_spec(env, gateway, s.load_clients, s.load_duration)
+        probe = _gateway_cpu(env) if gateway else _dovecot_cpu(env)
+        before = probe() if probe else (0.0, 0.0)
+        result = env.pool.run(login_loop, spec)
+        after = probe() if probe else (0.0, 0.0)
         if not result.logins:
             raise RuntimeError("no login succeeded" + _load_errors(result))
         per_second = result.logins / result.elapsed
         ms = _ms(result.latencies)
+        cpu_ms = (sum(after) - sum(before)) * 1000 / result.logins
+        who = "mailgate" if gateway else "Dovecot"
         return Measurement(
             per_second, "logins/s",
-            f"p50 {median(ms):.0f} ms, {result.failures} failed",
+            f"p50 {median(ms):.0f} ms, {result.failures} failed; {who} CPU {cpu_ms:.1f} ms/login",
             extra={"logins": result.logins, "failures": result.failures,
                    "seconds": result.elapsed, "p50_ms": median(ms),
-                   "p99_ms": percentile(ms, 99), "errors": dict(result.errors)},
+                   "p99_ms": percentile(ms, 99), "errors": dict(result.errors),
+                   f"{who}_cpu_ms_per_login": cpu_ms},
         )
 
     baseline = attempt(lambda: rate(False))

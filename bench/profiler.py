@@ -100,8 +100,11 @@ def format_hotspots(title: str, collapsed: str, top: int = TOP) -> str:
 class Profiler:
     """``py-spy record`` attached to ``pid`` while the ``with`` block runs."""
 
-    def __init__(self, pid: int, output: Path, py_spy: str) -> None:
+    def __init__(self, pid: int, output: Path, py_spy: str, *, gil_only: bool = False) -> None:
         self.pid = pid
+        # --gil: only samples holding the GIL (running Python code), which leaves out time
+        # spent preempted inside a syscall -- on a busy machine most of "wall" time.
+        self._extra = ["--gil"] if gil_only else []
         self.output = output
         self._py_spy = py_spy
         self._proc: subprocess.Popen[bytes] | None = None
@@ -110,7 +113,7 @@ class Profiler:
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [self._py_spy, "record", "--pid", str(self.pid), "--rate", str(SAMPLE_RATE),
-             "--nonblocking", "--format", "raw", "--output", str(self.output)],
+             "--nonblocking", *self._extra, "--format", "raw", "--output", str(self.output)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         return self
