@@ -200,6 +200,11 @@ async def test_append_with_synchronizing_and_non_synchronizing_literals(gate: Ga
     assert (await w.until_tagged(b"a"))[-1].startswith(b"a OK [APPENDUID ")
     await w.send(b"b APPEND " + quoted(gate.mailbox) + b" {%d+}\r\n" % len(big) + big + b"\r\n")
     assert (await w.until_tagged(b"b"))[-1].startswith(b"b OK [APPENDUID ")
+    # The upstream refuses a synchronizing literal instead of sending "+": the client does not
+    # send it, and its next command is a command again.
+    await w.send(b"c APPEND NoSuchBox {10}\r\n")
+    assert (await w.line()).startswith(b"c NO [TRYCREATE]")
+    assert (await w.command(b"n NOOP"))[-1].startswith(b"n OK")
     await w.aclose()
     uids = await trio.to_thread.run_sync(seed.list_uids, gate.lab, gate.upstream_user, gate.mailbox)
     got = [await trio.to_thread.run_sync(seed.fetch_raw, gate.lab, gate.upstream_user, uid, gate.mailbox)
