@@ -26,6 +26,8 @@ from gateway.frontends.pop3_mapping import (
     valid_uidl,
 )
 from gateway.protocol import pop3
+from gateway.protocol.imap_responses import ResponseFramer
+from gateway.upstream.client import UpstreamResponse
 
 
 @dataclass
@@ -41,13 +43,27 @@ class RecordingUpstream:
     uidvalidity: int = 7
     trash: str | None = "Trash"
     gm_ids: dict[int, int] = field(default_factory=dict)
+    extra: bytes = b""  # something a server might add to each FETCH answer, e.g. b" FLAGS ()"
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    async def command(self, cmd: bytes) -> UpstreamResponse:
+        """Answers the snapshot's UID FETCH with real wire bytes, framed by the real framer."""
+        self.calls.append(("command", cmd))
+        gmail = b"X-GM-MSGID" in cmd
+        wire = b"".join(
+            b"* %d FETCH (UID %d RFC822.SIZE %d%s%s)\r\n"
+            % (seq, uid, size, b" X-GM-MSGID %d" % self.gm_ids[uid] if gmail else b"", self.extra)
+            for seq, (uid, size) in enumerate(self.sizes, start=1)
+        ) + b"M1 OK Fetch completed.\r\n"
+        events = ResponseFramer().feed(wire)
+        return UpstreamResponse(cmd.decode(), events[-1], events[:-1])
 
     async def select(self, mailbox: str) -> Info:
         self.calls.append(("select", mailbox))
         return Info(len(self.sizes), self.uidvalidity)
 
     async def fetch_sizes(self) -> list[tuple[int, int]]:
+        self.calls.append(("fetch_sizes",))
         return list(self.sizes)
 
     async def fetch_attrs(self, uids: list[int], attrs: bytes) -> dict[int, dict[bytes, Any]]:
@@ -131,6 +147,20 @@ async def test_gmail_uidl_survives_a_uidvalidity_change(tmp_path: Path) -> None:
     assert first.messages[0].uidl == again.messages[0].uidl == "GmailId1a2b3c"
     plain = await open_drop(tmp_path, RecordingUpstream(frozenset(), [(1, 5)], uidvalidity=1))
     assert plain.messages[0].uidl == "0000000100000001"
+
+
+async def test_snapshot_reads_plain_answers_fast_and_anything_else_with_the_full_parser(
+    tmp_path: Path,
+) -> None:
+    sizes = [(2, 10), (4, 20), (9, 30)]
+    fast = RecordingUpstream(frozenset(), sizes)
+    drop = await open_drop(tmp_path, fast)
+    assert [(m.number, m.uid, m.size) for m in drop.messages] == [(1, 2, 10), (2, 4, 20), (3, 9, 30)]
+    assert ("fetch_sizes",) not in fast.calls
+    odd = RecordingUpstream(frozenset(), sizes, extra=b" FLAGS (\\Seen)")
+    drop = await open_drop(tmp_path, odd)
+    assert [(m.uid, m.size) for m in drop.messages] == sizes
+    assert ("fetch_sizes",) in odd.calls
 
 
 async def test_size_cache_roundtrip_and_pruning(tmp_path: Path) -> None:
