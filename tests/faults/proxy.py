@@ -30,7 +30,8 @@ then disarms; ``rule.fired`` is a ``trio.Event`` tests await to know the fault h
 
 A rule with no pattern matches at the start of the stream (``after`` then counts from the first
 byte). Patterns are regular expressions on bytes; the ``up`` direction is matched line by line
-(mailgate's commands), the ``down`` direction on the stream with a small look-behind window so
+(mailgate's commands; an incomplete line waits for its end only while an ``up`` rule is
+armed, so HTTP bodies pass at once), the ``down`` direction on the stream with a small look-behind window so
 that a pattern split across two reads is still seen.
 
 ``open_connections`` counts live proxied connections: after a fault, the gateway must close its
@@ -163,6 +164,10 @@ class _Connection:
         while True:
             nl = pending.find(b"\n")
             if nl < 0:
+                if not self.proxy._armed("up"):  # nothing to match: never hold bytes back
+                    out += pending
+                    pending = b""
+                    break
                 if len(pending) <= MAX_UP_LINE:
                     break
                 nl = len(pending) - 1
@@ -263,6 +268,9 @@ class FaultProxy:
     async def wait_idle(self) -> None:
         """Wait until no proxied connection is open."""
         await self._idle.wait()
+
+    def _armed(self, direction: Direction) -> bool:
+        return any(r.direction == direction and r.armed for r in self.rules)
 
     def _fire(self, rule: Rule, position: int) -> tuple[int, Rule]:
         rule.count += 1
