@@ -212,3 +212,24 @@ async def test_upstream_killed_mid_retr(nursery: trio.Nursery, tmp_path: Path, l
     proxy.disarm()
     assert await gate.uids() == uids
     assert "\\Seen" not in await gate.flags(uids[1])
+
+
+async def test_top_of_a_big_message_reads_it_in_windows(pop_gate: PopGate) -> None:
+    """TOP of a message over 64 KiB fetches BODY.PEEK[]<offset.length> windows; the result must
+    not depend on where the windows split it (here a CRLF straddles the first boundary)."""
+    header = b"Subject: big top\r\nX-Pad: "
+    line = b"%07d .............................................................................\r\n"
+    lines = [line % i for i in range(4000)]  # 87 octets each, ~340 KiB
+    first_body_line = b"Line-zero\r\n"
+    # Make octet 65535 (the last of the first window) the CR of a CRLF.
+    pad = 65535 - len(header) - 4 - len(first_body_line) - 87 * 700 - 85
+    raw = header + b"x" * pad + b"\r\n\r\n" + first_body_line + b"".join(lines)
+    assert raw[65535:65537] == b"\r\n"
+    await pop_gate.append(raw)
+    w = await pop_gate.login()
+    for k in (0, 1, 3, 702, 1500, 5000):
+        _, wire = await w.multiline(f"TOP 1 {k}")
+        expected = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + b"".join(([first_body_line] + lines)[:k])
+        assert seed.unstuff(wire) == expected, k
+    await w.command("QUIT")
+    await w.eof()
