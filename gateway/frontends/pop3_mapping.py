@@ -8,7 +8,7 @@ top of IMAP:
 
 * **Snapshot at login.** :meth:`Maildrop.open` SELECTs the user's ``pop3_mailbox``
   (INBOX unless configured) and fetches every message's UID and RFC822.SIZE in one
-  ``UID FETCH 1:* (UID RFC822.SIZE)``. Message numbers 1..N refer to that snapshot for
+  ``UID FETCH 1:* (UID RFC822.SIZE)`` (plus X-GM-MSGID on Gmail). Message numbers 1..N refer to that snapshot for
   the whole session; mail arriving meanwhile waits for the next session, mail removed by
   another client answers ``-ERR`` for its number while the session goes on.
 * **DELE only marks.** DELE and RSET change nothing upstream. Marked messages drop out of
