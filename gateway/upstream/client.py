@@ -48,6 +48,7 @@ Additions to the shared contract (nothing was renamed):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
@@ -91,6 +92,8 @@ __all__ = [
 
 #: Bytes asked for per read (a TLS read returns at most one 16 KiB record anyway).
 RECEIVE_SIZE = 64 * 1024
+#: Distinct upstream CA files whose TLS contexts are kept (one per provider in practice).
+TLS_CONTEXT_CACHE_SIZE = 16
 #: Literals up to this size are attached to their response; larger ones are streamed.
 LITERAL_STREAM_THRESHOLD = 64 * 1024
 #: Largest streamed literal ``command()`` will reassemble (bodies belong in ``stream_body``).
@@ -232,10 +235,28 @@ def _uid_batches(uids: Iterable[int]) -> list[bytes]:
 
 
 def make_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verify the upstream against the system CAs, or only ``ca_file`` when one is set."""
+    """Verify the upstream against the system CAs, or only ``ca_file`` when one is set.
+
+    Contexts are shared by every connection with the same CA file (and modification time):
+    building one parses every CA certificate, which with the system store took about 200 ms
+    of CPU on the benchmark machine -- on the event loop, for every upstream login
+    (docs/performance.md)."""
+    try:
+        mtime = ca_file.stat().st_mtime_ns if ca_file else None
+    except OSError:
+        return _new_tls_context(ca_file)  # raises the usual, clear error
+    return _cached_tls_context(ca_file, mtime)
+
+
+def _new_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+@functools.lru_cache(maxsize=TLS_CONTEXT_CACHE_SIZE)
+def _cached_tls_context(ca_file: Path | None, mtime: int | None) -> ssl.SSLContext:
+    return _new_tls_context(ca_file)
 
 
 def _tls_failure(exc: BaseException, where: str) -> UpstreamError:
