@@ -105,6 +105,11 @@ class BatchedWriter:
         self._stream = stream
         self._batch = batch
         self._buffer = bytearray()
+        self.sent = 0  # bytes actually handed to the client connection
+
+    def discard(self) -> None:
+        """Drop what is buffered (an answer that failed before any of it was sent)."""
+        self._buffer = bytearray()
 
     async def write(self, data: bytes) -> None:
         self._buffer += data
@@ -115,6 +120,7 @@ class BatchedWriter:
         if self._buffer:
             data, self._buffer = bytes(self._buffer), bytearray()
             await self._stream.send_all(data)
+            self.sent += len(data)
 
 
 class Pop3Session:
@@ -150,6 +156,14 @@ class Pop3Session:
 
     async def _release(self) -> None:
         with trio.CancelScope(shield=True):
+            if self.maildrop is not None and self.upstream is not None:
+                # RETRs of a session that ended without QUIT still count as downloads.
+                with trio.move_on_after(LOGOUT_TIMEOUT):
+                    try:
+                        await self.maildrop.flush_seen()
+                    except MailgateError as exc:
+                        log.info("pop3 %s: could not mark retrieved messages seen: %s",
+                                 self.stream.peer, exc)
             if self.upstream is not None:
                 upstream, self.upstream = self.upstream, None
                 with trio.move_on_after(LOGOUT_TIMEOUT):
@@ -373,6 +387,11 @@ class Pop3Session:
         except CommandFailed as exc:  # e.g. SELECT of a mailbox that does not exist
             await self._release()
             assert account is not None
+            if exc.backoff is not None:  # Microsoft 365 throttling: temporary, not the mailbox
+                log.warning("pop3 %s: %s: upstream is throttling (%s); the client is told to "
+                            "retry later", self.stream.peer, account.name, exc)
+                await self.send(TEMP_FAILURE)
+                return
             log.warning("pop3 %s: cannot open %r of %s: %s", self.stream.peer,
                         account.user.pop3_mailbox, account.name, exc)
             await self.send(MAILBOX_UNAVAILABLE)
@@ -443,12 +462,16 @@ class Pop3Session:
         await self._send_message(command.msg, command.lines)
 
     async def _send_message(self, number: int, top_lines: int | None) -> None:
+        sent_before = self.writer.sent
         try:
             await self.drop.send(number, self.writer.write, top_lines=top_lines)
         except UpstreamError as exc:
-            # The answer may be half sent: end the connection without the final ".".
             log.warning("pop3 %s: upstream failed while sending message %d: %s",
                         self.stream.peer, number, exc)
+            if self.writer.sent == sent_before:  # nothing of the answer went out: say why
+                self.writer.discard()
+                await self._try_send(TEMP_FAILURE)
+            # Otherwise the answer is half sent: end the connection without the final ".".
             raise _Close from None
         await self.writer.flush()
 
