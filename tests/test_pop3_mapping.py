@@ -110,6 +110,7 @@ async def test_dele_then_dropped_connection_removes_nothing(pop_gate: PopGate) -
     uids = [await pop_gate.append(b"Subject: m%d\r\n\r\nx\r\n" % i) for i in range(2)]
     w = await pop_gate.login()
     assert await w.command("DELE 1") == b"+OK Marked to be deleted.\r\n"
+    await w.multiline("RETR 2")
     await w.aclose()  # no QUIT
     w = await pop_gate.login()  # the lock being free again proves the first session ended
     assert await w.command("DELE 2") == b"+OK Marked to be deleted.\r\n"
@@ -117,6 +118,9 @@ async def test_dele_then_dropped_connection_removes_nothing(pop_gate: PopGate) -
     assert await w.command("QUIT") == b"+OK Logging out.\r\n"
     await w.eof()
     assert await pop_gate.uids() == uids
+    # A RETR counts as a download even without QUIT (as with Dovecot's own POP3).
+    assert "\\Seen" in await pop_gate.flags(uids[1])
+    assert "\\Seen" not in await pop_gate.flags(uids[0])
 
 
 async def test_trash_mode_moves_to_trash(nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot,
