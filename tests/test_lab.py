@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import imaplib
 import json
 import os
+import poplib
 import secrets
 import signal
 import subprocess
@@ -171,18 +173,21 @@ def test_static_password_login_for_direct_access(lab, lab_user, imaps):
     assert b'* LIST (\\HasNoChildren \\Trash) "/" Trash' in listing
 
 
-def test_plain_ports_offer_starttls_and_stls(lab):
-    import socket
-
-    with socket.create_connection((lab.host, lab.ports["imap"]), timeout=5) as sock:
-        assert b"STARTTLS" in sock.recv(4096)
-    with socket.create_connection((lab.host, lab.ports["pop3"]), timeout=5) as sock:
-        assert sock.recv(4096).startswith(b"+OK")
-        sock.sendall(b"CAPA\r\n")
-        data = b""
-        while not data.endswith(b"\r\n.\r\n"):
-            data += sock.recv(4096)
-        assert b"\r\nSTLS\r\n" in data
+@pytest.mark.parametrize("server_name", ["localhost", "127.0.0.1"])
+def test_starttls_and_stls_verify_against_the_lab_ca(lab, lab_user, server_name):
+    context = seed.client_ssl_context(lab)
+    with imaplib.IMAP4(server_name, lab.ports["imap"], timeout=HTTP_TIMEOUT) as imap:
+        assert "STARTTLS" in imap.capabilities
+        imap.starttls(ssl_context=context)
+        assert imap.login(lab_user, lab.password)[0] == "OK"
+    pop = poplib.POP3(server_name, lab.ports["pop3"], timeout=HTTP_TIMEOUT)
+    try:
+        assert "STLS" in pop.capa()
+        pop.stls(context=context)
+        pop.user(lab_user)
+        assert pop.pass_(lab.password).startswith(b"+OK")
+    finally:
+        pop.quit()
 
 
 # ------------------------------------------------------------------ OAuth server over HTTP
