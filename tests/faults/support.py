@@ -40,7 +40,7 @@ FAST_LIMITS: dict[str, Any] = {
     "token_request_timeout": 2,
     "upstream_connect_timeout": 3,
     "upstream_command_timeout": 2,
-    "login_timeout": 3,
+    "login_timeout": 10,  # longer than the upstream deadlines, as with the defaults (180 vs 30)
     "tls_handshake_timeout": 2,
     "upstream_slot_wait": 1,
 }
