@@ -246,6 +246,7 @@ class FaultProxy:
         self.port = 0
         self.accepted = 0
         self.open_connections = 0
+        self.peak_connections = 0  # most connections open at once
         self._idle = trio.Event()
         self._idle.set()
         self._scope = trio.CancelScope()
@@ -291,6 +292,7 @@ class FaultProxy:
     async def _handle(self, raw: trio.SocketStream) -> None:
         self.accepted += 1
         self.open_connections += 1
+        self.peak_connections = max(self.peak_connections, self.open_connections)
         if self.open_connections == 1:
             self._idle = trio.Event()
         down: trio.abc.Stream = raw
