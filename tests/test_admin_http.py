@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
 from gateway.admin.http import serve_admin
 from gateway.config import AdminSection
@@ -213,7 +213,12 @@ async def test_a_stalled_event_client_is_dropped_and_slows_nobody(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     server, address = await _start(nursery, _config(tmp_path))
-    async with open_websocket_url(f"ws://{address}/events") as stalled:
+    host, port = address.rsplit(":", 1)
+    tcp = await trio.open_tcp_stream(host, int(port))
+    # (wrap_client_stream: our own TCP stream, closed below even though the server closes first,
+    # where trio-websocket's client would leave its socket open.)
+    async with trio.open_nursery() as ws_nursery, tcp:
+        stalled = await wrap_client_stream(ws_nursery, tcp, address, "/events")
         # The client never reads. Publishing does not wait for it: far more than its queue and
         # the kernel's socket buffers hold goes through at once...
         padding = "x" * 1024
@@ -232,6 +237,7 @@ async def test_a_stalled_event_client_is_dropped_and_slows_nobody(
                 while True:
                     await stalled.get_message()
         assert closed.value.reason.code == 1013
+        ws_nursery.cancel_scope.cancel()
     async with httpx.AsyncClient(base_url=f"http://{address}") as http:
         metrics = (await http.get("/metrics")).text
     assert "mailgate_event_subscribers_dropped_total 1" in metrics
