@@ -316,7 +316,7 @@ class PreLogin:
     async def _log_in(self, tag: bytes, username: str, password: str) -> LoggedIn | None:
         account = None
         try:
-            account = await self.ctx.accounts.login(username, password)
+            account = await self.ctx.accounts.login(username, password, peer=self.stream.peer_host)
             upstream = await _open_upstream(account, self.limits)
         except AuthenticationFailed:
             self._publish_failure(username, "bad_credentials")

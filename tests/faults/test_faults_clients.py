@@ -273,3 +273,22 @@ async def test_upstream_connections_per_account_are_capped(
     await sessions[1].aclose()
     await w.aclose()
     await rig.settled()
+
+
+async def test_imap_password_guessing_is_throttled_without_enumeration(rig: Rig) -> None:
+    from gateway.defence import REFUSE_AFTER_FAILURES
+
+    async def imap_login(user: str, password: str, local: str) -> list[bytes]:
+        stream = await connect(rig, IMAP_PLAIN, local)
+        await stream.send_all(b"a LOGIN " + _quoted(user) + b" " + _quoted(password)
+                              + b"\r\nz LOGOUT\r\n")
+        lines = (await read_to_eof(stream)).split(b"\r\n")
+        return [line for line in lines if line.startswith(b"a ")]
+
+    failed = [b"a NO [AUTHENTICATIONFAILED] Authentication failed."]
+    for n in range(REFUSE_AFTER_FAILURES):
+        assert await imap_login("alice" if n % 2 else "nobody", f"guess-{n}", "127.0.0.40") == failed
+    runs = rig.server.ctx.accounts.kdf.runs
+    assert await imap_login("alice", PASSWORD, "127.0.0.40") == failed
+    assert rig.server.ctx.accounts.kdf.runs == runs
+    await rig.settled()
