@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench import seeding
@@ -60,8 +60,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
 #: Mailboxes seeded at once (each seeding is one IMAPS session to the lab).
 SEED_PARALLEL = 4
-#: Warm-up logins at once (each account's first login hashes its password in mailgate).
-WARM_UP_PARALLEL = 4
 #: Size range of the POP3 figure's small messages (varied, deterministic).
 POP_MESSAGE_MIN = 1024
 POP_MESSAGE_SPREAD = 2048
@@ -143,36 +141,34 @@ def dovecot_version() -> str:
         return "unknown"
 
 
-def warm_up(env: BenchEnv) -> None:
-    """One login per mailgate account: the password check and the access token get cached."""
+@contextmanager
+def _profiling(pid: int, output: Path, mode: str, title: str) -> Iterator[None]:
+    py_spy = py_spy_path()
+    if py_spy is None:
+        yield
+        return
+    profiler = Profiler(pid, output, py_spy, gil_only=mode == "gil")
+    with profiler:
+        yield
+    print(format_hotspots(f"{title} ({output})", profiler.text()), file=sys.stderr, flush=True)
 
-    def login(name: str) -> None:
-        try:
-            if env.why_not("imap") is None:
-                env.gateway_imap(name).logout()
-            elif env.why_not("pop3") is None:
-                env.gateway_pop3(name).quit()
-        except Exception as exc:  # noqa: BLE001 - the figures will say what fails
-            progress(f"warm-up login of {name} through mailgate failed: {reason(exc)}")
 
-    with ThreadPoolExecutor(WARM_UP_PARALLEL) as pool:
-        list(pool.map(login, env.users))
+def _window_profiler(pid: int, directory: Path, mode: str):  # type: ignore[no-untyped-def]
+    def window(name: str):  # type: ignore[no-untyped-def]
+        return _profiling(pid, directory / f"profile-window{name}-{mode}.txt", mode,
+                          f"window {name}")
+    return window
 
 
 def profiled(number: int, env: BenchEnv, directory: Path, mode: str) -> list[Figure]:
     """Run one figure with py-spy attached to mailgate; print the hot spots."""
-    py_spy = py_spy_path()
-    if py_spy is None or env.gateway is None:
-        progress("--profile: " + ("py-spy is not installed (pip install -e '.[bench]')"
-                                  if py_spy is None else "mailgate is not running"))
+    if py_spy_path() is None or env.gateway is None:
+        progress("--profile: " + ("mailgate is not running" if env.gateway is None else
+                                  "py-spy is not installed (pip install -e '.[bench]')"))
         return run_figure(number, env)
-    profiler = Profiler(env.gateway.pid, directory / f"profile-figure{number}-{mode}.txt",
-                        py_spy, gil_only=mode == "gil")
-    with profiler:
-        figures = run_figure(number, env)
-    print(format_hotspots(f"figure {number} ({profiler.output})", profiler.text()),
-          file=sys.stderr, flush=True)
-    return figures
+    with _profiling(env.gateway.pid, directory / f"profile-figure{number}-{mode}.txt", mode,
+                    f"figure {number}"):
+        return run_figure(number, env)
 
 
 def run_figure(number: int, env: BenchEnv) -> list[Figure]:
@@ -230,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         env = BenchEnv(lab, info, settings, {u.name: u for u in users}, gateway, unavailable,
                        pool, gateway_ports=ports)
         if gateway is not None:
-            warm_up(env)
+            for name, problem in env.warm_up().items():
+                progress(f"warm-up login of {name} through mailgate failed: {problem}")
+            if args.profile:
+                env.profile_window = _window_profiler(gateway.pid, args.json.parent,
+                                                      args.profile)
         for number in selected:
             progress(f"figure {number}: {FIGURES[number].__name__}")
             if args.profile:

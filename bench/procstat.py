@@ -13,7 +13,10 @@ thread polling ``VmRSS``.
 the processes sharing it -- the honest per-process share for forking servers like Dovecot,
 whose processes share most of their pages.
 
-CPU time is ``utime + stime`` from ``/proc/PID/stat`` in clock ticks (``SC_CLK_TCK``).
+CPU time is ``utime + stime`` from ``/proc/PID/stat`` in clock ticks (``SC_CLK_TCK``). For a
+forking server (Dovecot: a process per login and per session) :func:`tree_cpu_times` adds the
+live descendants and the master's ``cutime + cstime`` -- the time of the children it has
+already reaped -- so a session process that ends does not take its CPU time with it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "pss_kib",
     "cpu_seconds",
     "cpu_times",
+    "tree_cpu_times",
     "reset_peak",
     "children",
     "PeakSampler",
@@ -82,6 +86,25 @@ def cpu_times(pid: int) -> tuple[float, float]:
     fields = stat[stat.rindex(")") + 2:].split()
     # fields[0] is the state (field 3 of proc(5)); utime and stime are fields 14 and 15.
     return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of ``pid`` and all its descendants, including those that have
+    exited and been reaped by it (``cutime``/``cstime``): a forking server's whole cost, which
+    does not go down when a session process ends."""
+    user = system = 0.0
+    for member in [pid, *children(pid)]:
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile: counted in its parent's reaped time from now on
+        fields = stat[stat.rindex(")") + 2:].split()
+        user += int(fields[11]) / _CLOCK_TICKS
+        system += int(fields[12]) / _CLOCK_TICKS
+        if member == pid:  # reaped children's time; live ones are read one by one
+            user += int(fields[13]) / _CLOCK_TICKS
+            system += int(fields[14]) / _CLOCK_TICKS
+    return user, system
 
 
 def cpu_seconds(pid: int) -> float:
