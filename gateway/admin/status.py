@@ -74,8 +74,10 @@ def sessions_snapshot(server: "GatewayServer", now: float) -> list[dict[str, Any
             "user": s.user,
             "peer": s.peer,
             "tls": s.tls_active,
-            "state": s.state,
-            "upstream": getattr(s, "upstream_state", None),
+            # Front ends set ``user`` once logged in; a logged-in session has its upstream
+            # connection by construction (the login waits for the upstream's OK).
+            "state": "authenticated" if s.user and s.state == "connected" else s.state,
+            "upstream": getattr(s, "upstream_state", None) or ("connected" if s.user else None),
             "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out,
             "opened_at": round(s.opened_at, 3),
