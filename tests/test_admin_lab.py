@@ -106,9 +106,13 @@ async def gate(tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
     return AdminGate(config, server, lab_user, lab)
 
 
+def quoted(text: str) -> bytes:
+    return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
 async def imap_login(w: Wire, password: str = PASSWORD, tag: bytes = b"L") -> list[bytes]:
     await w.line()  # greeting
-    return await w.command(tag + b" LOGIN " + USER.encode() + b' "' + password.encode() + b'"')
+    return await w.command(tag + b" LOGIN " + USER.encode() + b" " + quoted(password))
 
 
 def samples(metrics: str) -> dict[str, float]:
