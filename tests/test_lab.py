@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -616,3 +618,30 @@ def _pids_using(directory: Path) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+# ------------------------------------------------------------------ properties
+
+
+_LINE = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@given(st.lists(_LINE, max_size=20))
+def test_unstuff_inverts_pop3_dot_stuffing(lines):
+    wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines) + b".\r\n"
+    assert seed.unstuff(wire) == b"".join(line + b"\r\n" for line in lines)
+
+
+@given(st.binary(max_size=200))
+def test_crlf_normalise_leaves_no_bare_lf(raw):
+    served = crlf_normalise(raw)
+    assert served.count(b"\n") == served.count(b"\r\n") == raw.count(b"\n")
+    assert served.replace(b"\r\n", b"\n") == raw.replace(b"\r\n", b"\n")
+
+
+@settings(max_examples=50)
+@given(st.integers(min_value=600, max_value=300_000), st.integers(min_value=0, max_value=3))
+def test_big_message_has_exactly_the_requested_size(size, seed_value):
+    message = big_message_chunks(size, seed_value)
+    assert sum(map(len, message)) == size
