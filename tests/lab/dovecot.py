@@ -332,6 +332,9 @@ mail_max_userip_connections = {MAX_USERIP_CONNECTIONS}
 mail_location = maildir:~/Maildir
 pop3_uidl_format = %08Xu%08Xv
 imap_max_line_length = 1M
+# IDLE falls back to polling when the inotify instance limit (128 per UID) is used up by many
+# concurrent imap processes (load tests, parallel workers): poll every second, not every 30.
+mailbox_idle_check_interval = 1 secs
 
 passdb {{
   driver = static
