@@ -73,7 +73,7 @@ RECEIVE_SIZE = 64 * 1024
 LOGOUT_TIMEOUT = 5.0
 #: What mailgate sends upstream when the client left without logging out.
 LOGOUT_COMMAND = b"MG0 LOGOUT\r\n"
-#: Longest a farewell or a local answer may wait for the client (and for the output lock).
+#: Longest a farewell (`* BYE`) may wait for a client that does not read.
 FAREWELL_TIMEOUT = 5.0
 
 #: Commands mailgate answers itself after login, with the reason given to the client.
@@ -196,13 +196,20 @@ class ImapRelay:
                 pass
 
     async def _answer_client(self, data: bytes) -> None:
-        """Send mailgate's own response between two upstream responses."""
-        try:
-            with trio.fail_after(FAREWELL_TIMEOUT):
-                async with self._out_lock:
-                    await self.client.send_all(data)
-        except trio.TooSlowError:
-            raise _End("client_stuck") from None
+        """Send mailgate's own response between two upstream responses.
+
+        Waiting for the lock is bounded by the upstream finishing its current response (which
+        may be a long FETCH); the write itself by :meth:`_send_client`.
+        """
+        async with self._out_lock:
+            await self._send_client(data)
+
+    async def _send_client(self, data: bytes | bytearray) -> None:
+        """Write to the client; one that reads nothing for ``imap_idle_timeout`` is dropped."""
+        with trio.move_on_after(self.limits.imap_idle_timeout) as scope:
+            await self.client.send_all(data)
+        if scope.cancelled_caught:
+            raise _End("client_stuck")
 
     # ------------------------------------------------------------------ client → upstream
 
@@ -295,7 +302,7 @@ class ImapRelay:
                     if not holding:
                         await self._out_lock.acquire()
                         holding = True
-                    await self.client.send_all(batch)
+                    await self._send_client(batch)
                     batch = bytearray()
                 if holding and self.scanner.at_boundary:
                     self._out_lock.release()
