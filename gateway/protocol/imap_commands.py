@@ -663,6 +663,7 @@ class CommandRelay:
                 self._discarding = True
             else:  # the client waits for "+": the tagged answer ends the command
                 self._state = _COMMAND
+                self._literal_left = 0
 
     def continuation_seen(self) -> bool:
         """The upstream sent ``+``. Returns True if it answers mailgate's own rewritten literal
