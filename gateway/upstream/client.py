@@ -66,6 +66,7 @@ from imapclient.exceptions import ProtocolError as ParserError
 from imapclient.response_parser import parse_fetch_response, parse_response
 
 from ..errors import UpstreamError
+from ..net import take_decrypted
 from ..protocol.imap_responses import (
     LiteralChunk,
     LiteralEnd,
@@ -300,7 +301,11 @@ class DetachedStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._stream.receive_some(max_bytes)
+        limit = max_bytes or RECEIVE_SIZE
+        data = await self._stream.receive_some(limit)
+        if data and len(data) < limit:
+            data += take_decrypted(self._stream, limit - len(data))
+        return data
 
     async def aclose(self) -> None:
         try:
@@ -367,6 +372,8 @@ class UpstreamIMAP:
                 # A bare CancelScope: this runs once per TLS record of a big FETCH.
                 with trio.CancelScope(deadline=trio.current_time() + self._timeout) as scope:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
+                if data and len(data) < RECEIVE_SIZE:  # more whole TLS records, without waiting
+                    data += take_decrypted(self._stream, RECEIVE_SIZE - len(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(f"connection to {self.where} lost: {exc or type(exc).__name__}") from None
             if scope.cancelled_caught:
