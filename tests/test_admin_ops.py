@@ -82,10 +82,11 @@ class Process:
         return Wire(await trio.open_tcp_stream(*self.pop3), None)  # type: ignore[arg-type]
 
 
-async def start_process(config_path: Path, log_file: Path) -> Process:
+async def start_process(config_path: Path, log_file: Path, *, log_format: str = "text") -> Process:
     log = log_file.open("wb")
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "gateway", "-c", str(config_path), "--debug", "serve"],
+        [sys.executable, "-m", "gateway", "-c", str(config_path), "--debug",
+         "--log-format", log_format, "serve"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(REPO),
     )
     log.close()
@@ -151,7 +152,7 @@ async def test_sighup_adds_a_user_without_dropping_a_running_session(
     write_config(config_file, raw)
     await seed_account(load_config(config_file), "alice", oauth_server.issue_tokens(alice_up)[1],
                        ALICE_PASSWORD)
-    proc = await start_process(config_file, tmp_path / "gateway.log")
+    proc = await start_process(config_file, tmp_path / "gateway.log", log_format="json")
     running.append(proc)
 
     alice = await proc.imap_wire(config_file)
@@ -198,12 +199,16 @@ async def test_sighup_adds_a_user_without_dropping_a_running_session(
         await w.aclose()
     assert await stop_process(proc) == 0
     log = proc.log()
-    # One line per session end (the outcome of a LOGOUT may read client_gone when the client
-    # closes at once after the tagged OK).
-    for user in ("alice", "carol"):
-        assert re.search(rf"session end: protocol=imap user={user} peer=127\.0\.0\.1:\d+ "
-                         r"bytes_in=\d+ bytes_out=\d+ duration=[\d.]+s outcome=(logout|client_gone)",
-                         log), user
+    # --log-format json: one JSON object per line; one line per session end, with its fields
+    # (the outcome of a LOGOUT may read client_gone when the client closes at once after OK).
+    records = [json.loads(line) for line in log.splitlines() if line.strip()]
+    ends = [r for r in records if r["message"].startswith("session end:")]
+    by_user = {u: [r for r in ends if r.get("user") == u] for u in ("alice", "carol")}
+    assert len(by_user["alice"]) == 1 and len(by_user["carol"]) == 2
+    for end in by_user["alice"] + by_user["carol"]:
+        assert end["protocol"] == "imap" and end["peer"].startswith("127.0.0.1:")
+        assert end["bytes_in"] > 0 and end["bytes_out"] > 0 and end["duration"] > 0
+        assert end["outcome"] in ("logout", "client_gone") and end["level"] == "info"
 
 
 def _sasl_forms(user: str, secret: str) -> set[str]:
