@@ -257,3 +257,39 @@ async def test_a_stalled_event_client_does_not_slow_a_20_mb_transfer(gate: Admin
                 while True:
                     await stalled.get_message()
         nursery.cancel_scope.cancel()
+
+
+async def test_web_authorization_refuses_forgeries_and_confirms_the_password(
+    gate: AdminGate, oauth_server: LabOAuthServer
+) -> None:
+    async with gate.http() as stranger:
+        forged = await stranger.get("/oauth/callback?state=forged&code=whatever")
+        assert forged.status_code == 400 and "unknown, expired or already used" in forged.text
+    async with httpx.AsyncClient(base_url=f"http://{gate.admin}", follow_redirects=True,
+                                 timeout=10) as admin:
+        form = await admin.get("/authorize/alice")
+        assert form.status_code == 200 and "current local password" in form.text
+        callback = str(form.url)
+        assert callback.startswith(f"http://{gate.admin}/oauth/callback?")
+        fields = dict(re.findall(r'name="(flow|csrf)" value="([^"]+)"', form.text))
+        # The redirect cannot be replayed (its code is spent, its state is used).
+        assert (await admin.get(callback)).status_code == 400
+        # The form only works from the browser that got it (CSRF cookie, SameSite=Strict).
+        async with gate.http() as other_browser:
+            stolen = await other_browser.post("/oauth/complete", data={**fields, "password": PASSWORD})
+            assert stolen.status_code == 403
+        bad = await admin.post("/oauth/complete", data={**fields, "password": "not it"})
+        assert bad.status_code == 400 and "wrong local password" in bad.text
+        ok = await admin.post("/oauth/complete", data={**fields, "password": PASSWORD})
+        assert ok.status_code == 200 and "alice can now log in" in ok.text
+        again = await admin.post("/oauth/complete", data={**fields, "password": PASSWORD})
+        assert again.status_code == 403
+    assert [r["grant_type"] for r in oauth_server.token_requests].count("authorization_code") >= 1
+    # The new grant is in use: the login refreshes with it and reaches the upstream.
+    w = await gate.imap()
+    assert (await imap_login(w))[-1].startswith(b"L OK")
+    await w.command(b"Z LOGOUT")
+    await w.aclose()
+    async with gate.http() as http:
+        events = (await http.get("/api/status")).json()["events"]
+    assert any(e["type"] == "account.authorized" and e["user"] == USER for e in events)
