@@ -28,6 +28,7 @@ upstream.error           user, provider, reason                                 
 token.refreshed          user, provider                                                  oauth
 token.failed             user, provider, reason: reauthorization_required | temporary    oauth
 config.reloaded          users                                                           app
+account.authorized       user, provider (an admin completed /authorize/USER)             admin
 ======================== =============================================================== =========
 """
 
