@@ -49,10 +49,7 @@ STATUS_JS = """\
     var scheme = location.protocol === "https:" ? "wss://" : "ws://";
     var ws = new WebSocket(scheme + location.host + "/events");
     ws.onopen = function () { live.textContent = "live"; live.className = "on"; };
-    ws.onmessage = function (m) {
-      try { window.mailgateLastEvent = JSON.parse(m.data); } catch (e) {}
-      soon();
-    };
+    ws.onmessage = soon;
     ws.onclose = function () {
       live.textContent = "reconnecting"; live.className = "";
       setTimeout(connect, 2000);
