@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 
 from bench import procstat
 from bench.__main__ import build_parser, parse_only
-from bench.figures import FIGURES, MAILBOXES_FOR, NoTarget, ZeroFailures, gateway_users
+from bench.figures import (
+    FIGURES,
+    MAILBOXES_FOR,
+    NoTarget,
+    ZeroFailures,
+    gateway_users,
+    login_ratio_ceiling,
+)
 from bench.gateway_proc import GatewayUser, write_config
 from bench.labproc import LabInfo
 from bench.seeding import SMALL_MESSAGE_SIZE, small_message
@@ -93,6 +100,11 @@ def test_targets_judge_the_right_relation() -> None:
     assert ZeroFailures().met(_m(1.0, failures=0), _m(1.0)) is True
     assert ZeroFailures().met(_m(1.0, failures=3), _m(1.0)) is False
     assert NoTarget().met(_m(1), _m(1)) is None
+
+
+def test_login_ratio_ceiling_when_every_login_also_logs_in_upstream() -> None:
+    assert login_ratio_ceiling(10.0, 10.0) == 0.5
+    assert login_ratio_ceiling(11.6, 2.9) == pytest.approx(0.8, abs=0.001)
 
 
 def test_a_missing_side_is_never_judged() -> None:
