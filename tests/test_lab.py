@@ -439,6 +439,21 @@ def test_introspection_and_secret_inventory(oauth_server, http):
     assert {access, refresh} <= set(oauth_server.all_secrets())
 
 
+def test_stop_closes_keep_alive_connections():
+    import socket
+
+    server = LabOAuthServer().start()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT) as sock:
+        sock.sendall(b"POST /introspect HTTP/1.1\r\nHost: lab\r\nContent-Length: 7\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n\r\ntoken=x")
+        answer = b""
+        while not answer.endswith(b'{"active": false}'):
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        server.stop()
+        assert sock.recv(4096) == b""  # closed by the server, not left to a thread
+
+
 def test_reset_settings_undoes_test_switches(oauth_server):
     oauth_server.fail_mode = ("status", 500)
     oauth_server.introspection_fail_mode = ("status", 500)

@@ -40,6 +40,7 @@ import hashlib
 import html
 import json
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -69,6 +70,8 @@ DEVICE_SLOW_DOWN_INCREMENT = 5
 JWT_MAX_LIFETIME = 3600
 #: Clock skew tolerated on a JWT's ``iat``.
 JWT_CLOCK_SKEW = 60
+#: An idle keep-alive connection is closed after this many seconds.
+KEEPALIVE_TIMEOUT = 60.0
 #: Upper bound of a ``("hang", seconds)`` failure; ``stop()`` ends a hang early anyway.
 MAX_HANG_SECONDS = 600.0
 
@@ -197,7 +200,7 @@ class LabOAuthServer:
         self._lock = threading.Lock()
         self._state = _State()
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def reset_settings(self) -> None:
@@ -218,10 +221,8 @@ class LabOAuthServer:
         """Bind a free loopback port and serve in a daemon thread. Returns ``self``."""
         if self._httpd is not None:
             raise RuntimeError("LabOAuthServer already started")
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        httpd.daemon_threads = True
-        httpd.block_on_close = False
-        httpd.lab = self  # type: ignore[attr-defined]
+        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd.lab = self
         self._httpd = httpd
         self._stopping.clear()
         self._thread = threading.Thread(
@@ -241,6 +242,7 @@ class LabOAuthServer:
         self._stopping.set()
         httpd.shutdown()
         httpd.server_close()
+        httpd.close_connections()  # keep-alive clients (Dovecot's auth) would pin threads
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -646,15 +648,50 @@ class LabOAuthServer:
         self._stopping.wait(min(float(seconds), MAX_HANG_SECONDS))
 
 
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that knows its open connections, to close them on stop."""
+
+    daemon_threads = True
+    block_on_close = False
+    lab: LabOAuthServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down every open connection; each handler thread then closes its socket."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes requests to the :class:`LabOAuthServer` logic and writes JSON answers."""
 
     protocol_version = "HTTP/1.1"
     server_version = "LabOAuth/1.0"
+    timeout = KEEPALIVE_TIMEOUT
+    server: _Server
 
     @property
     def lab(self) -> LabOAuthServer:
-        return self.server.lab  # type: ignore[attr-defined,no-any-return]
+        return self.server.lab
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Silence the default stderr access log (request lines may carry codes)."""
