@@ -153,7 +153,11 @@ class AdminApp:
     # --- authorization --------------------------------------------------------------------
 
     async def authorize(self, request: Request, user: str) -> Response:
-        base_url = f"http://{request.header('host') or self.server.config.admin.bind}"
+        # The redirect must come back to the address the browser uses (a TLS reverse proxy says
+        # so in X-Forwarded-Proto). The identity provider only redirects to registered URIs,
+        # so a forged header cannot send the code anywhere else.
+        scheme = "https" if request.header("x-forwarded-proto") == "https" else "http"
+        base_url = f"{scheme}://{request.header('host') or self.server.config.admin.bind}"
         try:
             url = self.authorizations.start(self.server.config, user, base_url=base_url)
         except WebFlowError as exc:
