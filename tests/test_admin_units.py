@@ -1,19 +1,24 @@
-"""The admin plane's sans-IO parts: requests, access rules, metrics text, page escaping."""
+"""The admin plane's sans-IO parts: requests, access rules, metrics text, page escaping, and
+the web authorization's steps before any token request."""
 
 from __future__ import annotations
 
 import urllib.parse
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from gateway.admin import pages
 from gateway.admin.access import AdminAccess, host_of, is_loopback_host
+from gateway.admin.authorize import MAX_PENDING, WebAuthorizations, WebFlowError
 from gateway.admin.metrics import LiveState, Metrics
 from gateway.admin.routes import _safe_next
 from gateway.admin.wire import Request, parse_cookies, parse_form
-from gateway.config import AdminSection
+from gateway.config import AdminSection, Config
+from tests.helpers_gateway import make_config
 
 
 def _request(method: str = "GET", target: str = "/", peer: str = "127.0.0.1", **headers: str) -> Request:
@@ -224,3 +229,63 @@ def test_password_form_shows_no_secret_but_its_one_time_values() -> None:
     assert 'name="confirm"' in form and "bad &lt;b&gt;" in form
     confirm = pages.password_form("alice", flow_id="F1", csrf="C1", existing=True)
     assert 'name="confirm"' not in confirm and "current local password" in confirm
+
+
+# --- web authorization (no network: the steps before the token request) ---------------------
+
+
+def _auth_config(tmp_path: Path) -> Config:
+    provider = {"imap": "127.0.0.1:993", "token_url": "http://127.0.0.1:9/token",
+                "client_id": "cid", "scopes": ["mail", "offline"]}
+    return make_config(tmp_path, {
+        "server": {"state_dir": "state"},
+        "providers": {
+            "web": {**provider, "flow": "authorization_code",
+                    "authorize_url": "http://127.0.0.1:9/authorize?tenant=x"},
+            "dev": {**provider, "flow": "device", "device_url": "http://127.0.0.1:9/device"},
+        },
+        "users": {"alice": {"provider": "web", "upstream_user": "alice@example.com"},
+                  "bob": {"provider": "dev", "upstream_user": "bob@example.com"}},
+    })
+
+
+def test_web_authorization_start(tmp_path: Path) -> None:
+    config = _auth_config(tmp_path)
+    flows = WebAuthorizations()
+    url = flows.start(config, "alice", base_url="http://127.0.0.1:8025")
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    assert url.startswith("http://127.0.0.1:9/authorize?") and query["tenant"] == "x"
+    assert query["redirect_uri"] == "http://127.0.0.1:8025/oauth/callback"
+    assert query["code_challenge_method"] == "S256" and len(query["code_challenge"]) == 43
+    assert query["login_hint"] == "alice@example.com" and query["scope"] == "mail offline"
+    assert query["client_id"] == "cid" and len(query["state"]) >= 20
+    # The verifier never leaves the server.
+    [entry] = flows._pending.values()
+    assert entry.verifier not in url and entry.state == query["state"]
+
+    with pytest.raises(WebFlowError, match="mailgate authorize bob") as device:
+        flows.start(config, "bob", base_url="http://127.0.0.1:8025")
+    assert device.value.status == 400
+    with pytest.raises(WebFlowError) as unknown:
+        flows.start(config, "carol", base_url="http://127.0.0.1:8025")
+    assert unknown.value.status == 404
+    for _ in range(MAX_PENDING - 1):
+        flows.start(config, "alice", base_url="http://127.0.0.1:8025")
+    with pytest.raises(WebFlowError) as full:
+        flows.start(config, "alice", base_url="http://127.0.0.1:8025")
+    assert full.value.status == 503
+
+
+async def test_web_authorization_callback_refusals(tmp_path: Path) -> None:
+    config = _auth_config(tmp_path)
+    flows = WebAuthorizations()
+    url = flows.start(config, "alice", base_url="http://127.0.0.1:8025")
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["state"]
+    with pytest.raises(WebFlowError, match="unknown, expired or already used"):
+        await flows.callback(config, {"state": "forged", "code": "c"})
+    with pytest.raises(WebFlowError, match=r"refused the authorization \(access_denied\)"):
+        await flows.callback(config, {"state": state, "error": "access_denied"})
+    assert len(flows) == 0  # a refused authorization is forgotten
+    with pytest.raises(WebFlowError, match="unknown"):
+        await flows.callback(config, {"state": state, "code": "c"})
