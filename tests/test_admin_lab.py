@@ -75,6 +75,7 @@ class AdminGate:
     server: GatewayServer
     upstream_user: str
     lab: LabDovecot
+    refresh_token: str = ""
 
     @property
     def admin(self) -> str:
@@ -103,7 +104,7 @@ async def gate(tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
     await seed_account(config, USER, refresh_token, PASSWORD)
     server = await start_gateway(nursery, config)
     await nursery.start(serve_admin, server)
-    return AdminGate(config, server, lab_user, lab)
+    return AdminGate(config, server, lab_user, lab, refresh_token)
 
 
 def quoted(text: str) -> bytes:
@@ -293,3 +294,35 @@ async def test_web_authorization_refuses_forgeries_and_confirms_the_password(
     async with gate.http() as http:
         events = (await http.get("/api/status")).json()["events"]
     assert any(e["type"] == "account.authorized" and e["user"] == USER for e in events)
+
+
+async def test_a_revoked_grant_shows_on_the_status_page_until_reauthorized(
+    gate: AdminGate, oauth_server: LabOAuthServer
+) -> None:
+    oauth_server.revoke(gate.refresh_token)
+    w = await gate.imap()
+    assert (await imap_login(w))[-1].startswith(b"L NO")
+    await w.aclose()
+    async with httpx.AsyncClient(base_url=f"http://{gate.admin}", follow_redirects=True,
+                                 timeout=10) as http:
+        [account] = (await http.get("/api/status")).json()["accounts"]
+        assert account["status"] == "needs_reauthorization"
+        assert account["status_detail"] == "invalid_grant"
+        assert account["last_error"]["type"] in ("token.failed", "login.failed")
+        page = (await http.get("/")).text
+        assert "needs re-authorization" in page and 'href="/authorize/alice"' in page
+        metrics = samples((await http.get("/metrics")).text)
+        assert metrics['mailgate_token_refreshes_total{result="failed"}'] == 1
+        assert metrics['mailgate_login_failures_total{protocol="imap",reason="reauthorization_required"}'] == 1
+
+        # The admin follows the link: authorize again, confirm alice's password.
+        form = await http.get("/authorize/alice")
+        fields = dict(re.findall(r'name="(flow|csrf)" value="([^"]+)"', form.text))
+        done = await http.post("/oauth/complete", data={**fields, "password": PASSWORD})
+        assert done.status_code == 200
+        [account] = (await http.get("/api/status")).json()["accounts"]
+        assert account["status"] == "ok"
+    w = await gate.imap()
+    assert (await imap_login(w))[-1].startswith(b"L OK")
+    await w.command(b"Z LOGOUT")
+    await w.aclose()
