@@ -128,7 +128,10 @@ async def test_a_thousand_silent_connections(
     while real clients log in and read mail; then every silent one is closed by the gateway."""
     rig = await start_rig(nursery, tmp_path, lab, oauth_server, seeded_state,
                           max_connections=SILENT_CONNECTIONS + 50,
-                          login_timeout=SILENT_TIMEOUT, tls_handshake_timeout=SILENT_TIMEOUT)
+                          login_timeout=SILENT_TIMEOUT, tls_handshake_timeout=SILENT_TIMEOUT,
+                          # the loaded machine answers the real client slower than usual
+                          token_request_timeout=10, upstream_connect_timeout=10,
+                          upstream_command_timeout=10)
     uids = [await rig.append(SMALL)]
     silent: list[trio.SocketStream] = []
     indexes = (IMAP_PLAIN, POP3_PLAIN, IMAPS, POP3S)
@@ -218,7 +221,11 @@ async def test_imap_client_vanishes_mid_fetch(rig: Rig) -> None:
 async def test_password_guessing_is_throttled_without_enumeration(rig: Rig) -> None:
     """Wrong passwords from one address: soon even the right password is refused unchecked,
     and every answer -- wrong password, unknown user, throttled -- is the same line."""
-    from gateway.defence import REFUSE_AFTER_FAILURES
+    from gateway.defence import AuthThrottle
+
+    # The gateway's own throttle, with a lower refusal threshold to keep the test short.
+    refuse_after = 3
+    rig.server.ctx.accounts.throttle = AuthThrottle(base_delay=0, refuse_after=refuse_after)
 
     async def pop_login(user: str, password: str, local: str) -> bytes:
         stream = await connect(rig, POP3_PLAIN, local)
@@ -227,7 +234,7 @@ async def test_password_guessing_is_throttled_without_enumeration(rig: Rig) -> N
         return lines[2]  # greeting, USER answer, PASS answer
 
     answers = set()
-    for n in range(REFUSE_AFTER_FAILURES):
+    for n in range(refuse_after):
         answers.add(await pop_login("alice" if n % 2 else "mallory", "guess-%d" % n, "127.0.0.30"))
     assert answers == {b"-ERR [AUTH] Authentication failed."}
     runs = rig.server.ctx.accounts.kdf.runs
@@ -276,7 +283,10 @@ async def test_upstream_connections_per_account_are_capped(
 
 
 async def test_imap_password_guessing_is_throttled_without_enumeration(rig: Rig) -> None:
-    from gateway.defence import REFUSE_AFTER_FAILURES
+    from gateway.defence import AuthThrottle
+
+    refuse_after = 3
+    rig.server.ctx.accounts.throttle = AuthThrottle(base_delay=0, refuse_after=refuse_after)
 
     async def imap_login(user: str, password: str, local: str) -> list[bytes]:
         stream = await connect(rig, IMAP_PLAIN, local)
@@ -286,7 +296,7 @@ async def test_imap_password_guessing_is_throttled_without_enumeration(rig: Rig)
         return [line for line in lines if line.startswith(b"a ")]
 
     failed = [b"a NO [AUTHENTICATIONFAILED] Authentication failed."]
-    for n in range(REFUSE_AFTER_FAILURES):
+    for n in range(refuse_after):
         assert await imap_login("alice" if n % 2 else "nobody", f"guess-{n}", "127.0.0.40") == failed
     runs = rig.server.ctx.accounts.kdf.runs
     assert await imap_login("alice", PASSWORD, "127.0.0.40") == failed
