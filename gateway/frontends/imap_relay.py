@@ -65,6 +65,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailgate.imap")
 
+#: Upstream words that deserve a log line with advice for the operator (Microsoft 365's).
+UPSTREAM_ADVICE = (
+    (b"AccessTokenExpired", "the access token expired mid-session; the client reconnects and "
+     "mailgate logs in with a refreshed token"),
+    (b"Suggested Backoff Time", "the provider is throttling this mailbox; fewer clients polling "
+     "at once or a lower limits.upstream_connections_per_account help"),
+    (b"authenticated but not connected", "the token is valid but the mailbox is not reachable "
+     "with it: check upstream_user and the mailbox permissions"),
+)
+
 #: Size of the writes to either side; TLS throughput needs ≥ 64 KiB writes (library-facts.md).
 WRITE_BATCH = 64 * 1024
 #: Bytes asked of a stream per read (a TLS stream returns one 16 KiB record at most anyway).
@@ -337,6 +347,17 @@ class ImapRelay:
             if event.tag in self._selecting:
                 mailbox = self._selecting.pop(event.tag)
                 self.selected = mailbox if event.status == b"OK" else None
+            if event.status != b"OK":
+                self._advise(event.data)
             return True
         self.bye_seen = True
+        self._advise(event.data)
         return True
+
+    def _advise(self, line: bytes) -> None:
+        for words, advice in UPSTREAM_ADVICE:
+            if words.lower() in line.lower():
+                shown = line.strip().decode("ascii", "replace")[:200]
+                log.warning("imap %s: %s: upstream said %r: %s", self.client.peer, self.user,
+                            shown, advice)
+                return

@@ -127,6 +127,7 @@ async def test_m365_token_expired_bye_mid_session(rig: Rig, caplog: pytest.LogCa
     await w.send(b"n NOOP\r\n")
     got = await until_closed(w)
     assert b"* BYE" in got  # the client is told the session is over (and reconnects)
+    assert "AccessTokenExpired" in caplog.text and "refreshed token" in caplog.text
     await rig.settled()
     assert await rig.uids() == uids
     # The next login refreshes the token and works.
@@ -134,7 +135,9 @@ async def test_m365_token_expired_bye_mid_session(rig: Rig, caplog: pytest.LogCa
     await rig.settled()
 
 
-async def test_m365_throttled_answer_reaches_the_client(rig: Rig) -> None:
+async def test_m365_throttled_answer_reaches_the_client(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     await rig.append(SMALL)
     w = await logged_in(rig)
     rig.imap_proxy.arm(
@@ -143,6 +146,7 @@ async def test_m365_throttled_answer_reaches_the_client(rig: Rig) -> None:
     )
     lines = await w.command(b"q UID SEARCH ALL")
     assert lines[-1].startswith(b"q NO ") and b"throttled" in lines[-1]
+    assert "upstream_connections_per_account" in caplog.text  # logged with advice
     lines = await w.command(b"r UID SEARCH ALL")  # the session goes on after the back-off
     assert lines[-1].startswith(b"r OK"), lines
     await w.command(b"z LOGOUT")
