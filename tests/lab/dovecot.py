@@ -441,21 +441,6 @@ service anvil {{
         stderr = (self.dir / "master.stderr").read_text(errors="replace")
         return f"dovecot exited with {returncode}: {stderr.strip()}\n{self.log_text()[-2000:]}"
 
-    def _instance_pids(self) -> list[int]:
-        """PIDs of processes whose command line mentions this instance's directory or name."""
-        pids = []
-        markers = (str(self.dir).encode(), self.instance_name.encode())
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if any(m in cmdline for m in markers):
-                pids.append(int(entry.name))
-        return pids
-
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         """SIGTERM the whole process group, SIGKILL it after ``STOP_GRACE``, reap the master.
 
