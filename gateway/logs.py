@@ -38,9 +38,11 @@ _PATTERNS = [
         r"(?i)((?:access_token|refresh_token|id_token|password|passwd|client_secret|code_verifier"
         r"|device_code|assertion|code|token|secret)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+"
     ),
-    re.compile(r"(?i)(\bAUTH(?:ENTICATE)?\s+\S+\s+)\S+"),
-    re.compile(r"(?i)(\bLOGIN\s+\S+\s+)\S+"),
-    re.compile(r"(?i)(\bPASS\s+)\S+"),
+    # Protocol command lines (as clients send them: upper-case verbs), so that an ordinary
+    # sentence such as "login failed for 'carol'" is left alone.
+    re.compile(r"(\b(?:AUTH|AUTHENTICATE|[Aa]uthenticate)\s+\S+\s+)\S+"),
+    re.compile(r"(\b(?:LOGIN|[Ll]ogin)\s+(?!failed\b|ok\b|succeeded\b)\S+\s+)\S+"),
+    re.compile(r"(\bPASS\s+)\S+"),
 ]
 
 
