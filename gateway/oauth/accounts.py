@@ -21,6 +21,12 @@ Login (``login(username, password)``):
    legitimate user's logins behind them) and raises the same ``AuthenticationFailed``. A failed
    login only reads the state store: it never changes a byte of it.
 
+The account records read for logins are kept in memory, tagged with the store's change stamp
+(:meth:`~gateway.oauth.store.StateStore.change_stamp`: one small read on the event loop): a
+login re-reads the record in a worker thread only after the store was written (by anyone) or
+the config reloaded, instead of a thread hop and an SQLite open on every login. A store that
+cannot be stamped is read directly, as before (and its errors surface the same way).
+
 Tokens (``access_token()``) come from a :class:`~gateway.oauth.tokens.TokenCache` whose mint
 function depends on the provider's flow:
 
@@ -290,6 +296,9 @@ class AccountManager:
         self.events = events
         self._accounts: dict[str, Account] = {}
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
+        # Account records as of the store's change stamp `_records_stamp` (see the docstring).
+        self._records: dict[str, AccountRecord | None] = {}
+        self._records_stamp: object = None
 
     def update_config(self, config: "Config") -> None:
         """SIGHUP: new sessions see the new users and providers. Sessions already running keep
@@ -306,6 +315,7 @@ class AccountManager:
         if config.limits.kdf_concurrency != self.limits.kdf_concurrency:
             self.kdf = KdfPool(config.limits.kdf_concurrency)
         self.config, self.limits = config, config.limits
+        self._records, self._records_stamp = {}, None
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
 
     def account(self, name: str, *, config: "Config | None" = None) -> Account:
@@ -397,11 +407,25 @@ class AccountManager:
         return None
 
     async def _record(self, name: str) -> AccountRecord | None:
+        """The stored record of ``name``: from memory unless the store changed since."""
         try:
-            return await _in_thread(self.store.account, name)
+            stamp: object = self.store.change_stamp()
+        except OSError:
+            stamp = None  # unreadable or gone: read it the slow way, whose errors say why
+        if stamp is not None and stamp == self._records_stamp and name in self._records:
+            return self._records[name]
+        try:
+            record = await _in_thread(self.store.account, name)
         except StoreError as exc:
             log.error("state store unavailable: %s", exc)
             raise TemporaryFailure("credential store unavailable") from None
+        if stamp is not None:
+            # Stamped *before* the read: a write in between changes the stamp again, so a
+            # record is never kept under a stamp older than what it saw.
+            if stamp != self._records_stamp:
+                self._records, self._records_stamp = {}, stamp
+            self._records[name] = record
+        return record
 
     async def _fail(self, name: str, reason: str, who: tuple[str, str] | None = None) -> NoReturn:
         if who is not None:

@@ -17,6 +17,13 @@ No secret is ever stored in clear.
 * Blocking: methods do file I/O; async callers run them with ``trio.to_thread.run_sync``. Each
   call opens its own connection, so calls from several threads need no locking here; SQLite's
   own locking serialises writers (``BUSY_TIMEOUT`` bounds the wait).
+* Change stamp: :meth:`StateStore.change_stamp` says cheaply whether the file may have changed
+  since a previous call (any writer, this process or another: ``mailgate authorize``, the admin
+  plane). It is the file's identity and size plus SQLite's own *file change counter* (header
+  offset 24, incremented by every committed write transaction in rollback-journal mode, which
+  this store uses), read with one 4-byte ``pread``: cheap enough for the event loop, so callers
+  can cache what they read and re-read only after a change (see
+  :class:`gateway.oauth.accounts.AccountManager`).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from pathlib import Path
 from typing import Literal
 
 STATE_DB_NAME = "mailgate.sqlite3"
+#: Where SQLite keeps its 4-byte big-endian file change counter in the database header.
+CHANGE_COUNTER_OFFSET = 24
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another writer
 SCHEMA_VERSION = 1
 
@@ -152,6 +161,18 @@ class StateStore:
             raise StoreError(f"state file {self.path}: {exc}") from None
 
     # --- reads ------------------------------------------------------------------------------
+
+    def change_stamp(self) -> tuple[int, int, int, int, bytes]:
+        """A value that changes whenever the database file is written (see the module
+        docstring). Raises ``OSError`` if the file cannot be read; callers then read the
+        store directly."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            counter = os.pread(fd, 4, CHANGE_COUNTER_OFFSET)
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, counter)
 
     def account(self, name: str) -> AccountRecord | None:
         with self._read() as db:

@@ -30,6 +30,7 @@ there is text (as in :mod:`gateway.protocol.imap_responses`).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ _LITERAL_TAIL: Final = 32
 POST_LOGIN_DROP: Final = (
     b"AUTH=", b"SASL-IR", b"STARTTLS", b"LOGINDISABLED", b"COMPRESS=", b"LITERAL-"
 )
+#: Distinct upstream capability lists whose client form is remembered (a few per provider).
+CAPABILITY_CACHE_SIZE: Final = 32
 #: Capabilities mailgate adds after login: it converts literals for LITERAL- upstreams itself.
 POST_LOGIN_ADD: Final = (b"LITERAL+",)
 
@@ -98,6 +101,12 @@ Item: TypeAlias = Union[memoryview, bytes, Continuation, Tagged, Bye]
 
 def client_capabilities(upstream: Iterable[str]) -> list[str]:
     """The upstream's post-login capabilities as mailgate's clients see them."""
+    return list(_client_capabilities(tuple(upstream)))
+
+
+@functools.lru_cache(maxsize=CAPABILITY_CACHE_SIZE)
+def _client_capabilities(upstream: tuple[str, ...]) -> tuple[str, ...]:
+    # Every login of a provider's accounts sees the same ~50 atoms: computed once, not per login.
     drop = [d.decode() for d in POST_LOGIN_DROP]
     out: list[str] = []
     for cap in upstream:
@@ -106,7 +115,7 @@ def client_capabilities(upstream: Iterable[str]) -> list[str]:
             out.append(cap)
     present = {c.upper() for c in out}
     out += [a.decode() for a in POST_LOGIN_ADD if a.decode() not in present]
-    return out
+    return tuple(out)
 
 
 def rewrite_capability_line(line: bytes) -> bytes:
