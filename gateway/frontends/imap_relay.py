@@ -28,6 +28,11 @@ Both tasks write to the client, so writes are serialised by a lock that the upst
 from the first byte of a response to its end: mailgate's own answers (``BAD`` for a refused
 command, a farewell ``* BYE``) only ever land between two responses, never inside a literal.
 
+A stalled upstream: while a command sent upstream awaits its tagged answer (IDLE excepted) or
+a response is half received, the upstream must send something within
+``limits.upstream_command_timeout``; otherwise the session ends as ``upstream_timeout`` (the
+client gets ``* BYE`` between responses, or sees the connection end inside one).
+
 Endings: the client leaves or times out → the upstream session is logged out (bounded by
 :data:`LOGOUT_TIMEOUT`) and closed. The upstream closes (after the client's LOGOUT, or on its
 own, or breaks) → the client gets ``* BYE`` unless the upstream sent one, or unless the break
@@ -146,6 +151,11 @@ class ImapRelay:
         self.logout_sent = False
         self.selected: str | None = None
         self._selecting: dict[bytes, str | None] = {}
+        # Tags sent upstream and not yet answered (IDLE excluded: silence is its purpose).
+        # While one is outstanding, the upstream must send something within
+        # limits.upstream_command_timeout, or it is taken for stalled.
+        self._outstanding: set[bytes] = set()
+        self._upstream_wait: trio.CancelScope | None = None  # the upstream read in progress
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -278,6 +288,9 @@ class ImapRelay:
 
     def _track(self, line: CommandLine) -> None:
         """Keep the little state worth knowing: LOGOUT sent, the selected mailbox."""
+        if line.name != b"IDLE":
+            self._outstanding.add(line.tag)
+            self._arm_stall_deadline()
         if line.name == b"LOGOUT":
             self.logout_sent = True
         elif line.name in (b"SELECT", b"EXAMINE"):
@@ -321,11 +334,29 @@ class ImapRelay:
             if holding:
                 self._out_lock.release()
 
+    def _arm_stall_deadline(self) -> None:
+        """While a command waits for its answer (or a response is half received), the upstream
+        must send something within ``limits.upstream_command_timeout``."""
+        scope = self._upstream_wait
+        waiting = bool(self._outstanding) or not self.scanner.at_boundary
+        if scope is not None and waiting and scope.deadline == float("inf"):
+            scope.deadline = trio.current_time() + self.limits.upstream_command_timeout
+
     async def _receive_upstream(self) -> bytes:
         try:
-            data = await self._up_stream.receive_some(RECEIVE_SIZE)
+            with trio.CancelScope() as stalled:
+                self._upstream_wait = stalled
+                self._arm_stall_deadline()
+                data = await self._up_stream.receive_some(RECEIVE_SIZE)
         except (*_UPSTREAM_GONE, OSError):
             data = b""
+        finally:
+            self._upstream_wait = None
+        if stalled.cancelled_caught:
+            log.warning("imap %s: %s: upstream sent nothing for %gs (limits.upstream_command_"
+                        "timeout) while a command was outstanding", self.client.peer, self.user,
+                        self.limits.upstream_command_timeout)
+            raise _End("upstream_timeout", "Upstream server did not answer in time.")
         if not data:
             if self.bye_seen:
                 raise _End("logout" if self.logout_sent else "upstream_closed")
@@ -341,6 +372,7 @@ class ImapRelay:
             return not ours
         if isinstance(event, Tagged):
             was_waiting = self.framer.awaiting_continuation
+            self._outstanding.discard(event.tag)
             self.framer.command_finished(event.tag)
             if was_waiting and not self.framer.awaiting_continuation:
                 self._continued.set()

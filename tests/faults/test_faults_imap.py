@@ -105,8 +105,48 @@ async def test_upstream_stalls_at_login(rig: Rig) -> None:
     await rig.still_serves()
 
 
+async def test_upstream_stalls_mid_fetch(rig: Rig) -> None:
+    """No upstream byte for upstream_command_timeout in the middle of a literal: the client
+    connection ends (no BYE could be inserted into message data) and everything is freed."""
+    uids = [await rig.append(BIG)]
+    w = await logged_in(rig)
+    rule = rig.imap_proxy.arm("down", "stall", rb"BODY\[\] \{\d+\}\r\n", after=10_000)
+    await w.send(b"f UID FETCH %d (BODY.PEEK[])\r\n" % uids[0])
+    with trio.fail_after(10):  # upstream_command_timeout is 2 s in the rig
+        got = await until_closed(w)
+    assert rule.fired.is_set() and b"f OK" not in got and len(got) < len(BIG)
+    await rig.settled()
+    assert await rig.uids() == uids and await rig.flags(uids[0]) == set()
+    await rig.still_serves()
+
+
+async def test_upstream_stalls_between_responses_gets_bye(rig: Rig) -> None:
+    await rig.append(SMALL)
+    w = await logged_in(rig)
+    rig.imap_proxy.arm("up", "stall", rb"^\S+ UID SEARCH ")
+    await w.send(b"q UID SEARCH ALL\r\n")
+    with trio.fail_after(10):
+        got = await until_closed(w)
+    assert got == b"* BYE Upstream server did not answer in time.\r\n"
+    await rig.settled()
+    await rig.still_serves()
+
+
+async def test_idle_upstream_silence_is_not_a_stall(rig: Rig) -> None:
+    """IDLE may be silent far longer than upstream_command_timeout."""
+    w = await logged_in(rig)
+    await w.send(b"i IDLE\r\n")
+    assert (await w.line()).startswith(b"+ ")
+    await trio.sleep(rig.config.limits.upstream_command_timeout + 1)
+    await w.send(b"DONE\r\n")
+    assert (await w.until_tagged(b"i"))[-1].startswith(b"i OK")
+    await w.command(b"z LOGOUT")
+    await w.aclose()
+    await rig.settled()
+
+
 async def test_upstream_stalls_mid_fetch_client_can_leave(rig: Rig) -> None:
-    """A stalled upstream in the relay: when the client gives up, everything is freed."""
+    """A stalled upstream in the relay: when the client gives up first, everything is freed."""
     uids = [await rig.append(BIG)]
     w = await logged_in(rig)
     rule = rig.imap_proxy.arm("down", "stall", rb"BODY\[\] \{\d+\}\r\n", after=10_000)
@@ -116,7 +156,6 @@ async def test_upstream_stalls_mid_fetch_client_can_leave(rig: Rig) -> None:
     await w.aclose()  # the user presses "cancel"
     await rig.settled()
     assert await rig.uids() == uids and await rig.flags(uids[0]) == set()
-    await rig.still_serves()
 
 
 async def test_m365_token_expired_bye_mid_session(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
