@@ -169,23 +169,26 @@ async def test_a_thousand_silent_connections(
     assert await rig.uids() == uids
 
 
-async def test_connections_over_the_per_ip_limit_are_refused(
+async def test_connections_over_the_per_ip_and_total_limits_are_refused(
     nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
     seeded_state: SeededState,
 ) -> None:
     rig = await start_rig(nursery, tmp_path, lab, oauth_server, seeded_state,
-                          max_connections_per_ip=5)
+                          max_connections_per_ip=5, max_connections=8)
     held = [await connect(rig, POP3_PLAIN, "127.0.0.20") for _ in range(5)]
     with trio.fail_after(10):
         while rig.server.active < 5:
             await trio.sleep(0.01)
     extra = await connect(rig, POP3_PLAIN, "127.0.0.20")
-    assert b"Too many connections" in await read_to_eof(extra)
-    # Another address is served normally.
-    other = await connect(rig, POP3_PLAIN, "127.0.0.21")
-    with trio.fail_after(10):
-        assert (await other.receive_some(100)).startswith(b"+OK")
-    await other.aclose()
+    assert b"Too many connections" in await read_to_eof(extra)  # per address
+    # Another address is served normally, up to the total.
+    for _ in range(3):
+        other = await connect(rig, POP3_PLAIN, "127.0.0.21")
+        with trio.fail_after(10):
+            assert (await other.receive_some(100)).startswith(b"+OK")
+        held.append(other)
+    extra = await connect(rig, POP3_PLAIN, "127.0.0.22")
+    assert b"Too many connections" in await read_to_eof(extra)  # in total
     for stream in held:
         await stream.aclose()
     await rig.settled()
