@@ -318,3 +318,15 @@ async def test_penalty_delay_is_served_before_the_check(manager: AccountManager)
     start = trio.current_time()
     await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
     assert trio.current_time() - start >= 0.2
+
+
+@pytest.mark.lab
+async def test_a_reload_keeps_penalties_and_slots(manager: AccountManager, idp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    slots = manager.account("alice").upstream_slots
+    config = make_config(idp, tmp_path, limits={"auth_failure_delay": 1.5})
+    manager.update_config(config)
+    assert manager.throttle.check("192.0.2.1", "alice").refuse  # a SIGHUP forgives nothing
+    assert manager.throttle.base_delay == 1.5
+    assert manager.account("alice").upstream_slots is slots  # running sessions keep their cap

@@ -315,6 +315,7 @@ class AccountManager:
         if config.limits.kdf_concurrency != self.limits.kdf_concurrency:
             self.kdf = KdfPool(config.limits.kdf_concurrency)
         self.config, self.limits = config, config.limits
+        self.throttle.base_delay = config.limits.auth_failure_delay  # penalties are kept
         self._records, self._records_stamp = {}, None
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
 
