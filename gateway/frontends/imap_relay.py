@@ -245,7 +245,9 @@ class ImapRelay:
             if idle.cancelled_caught:
                 raise _End("timeout", "Autologout: idle for too long.")
             if not data:
-                raise _End("client_gone")
+                # A client that sent LOGOUT may close as soon as it has read the tagged OK,
+                # before the upstream closes: that is still a logout, not a vanished client.
+                raise _End("logout" if self.logout_sent else "client_gone")
             self.framer.receive_data(data)
 
     async def _drain_framer(self, out: bytearray) -> None:
