@@ -24,6 +24,24 @@ def make_config(tmp_path: Path, raw: dict[str, Any]) -> Config:
     return parse_config(raw, base_dir=tmp_path, path=tmp_path / "mailgate.toml")
 
 
+def lab_provider(lab: Any, oauth: Any, *, imap: str | None = None,
+                 ca_file: Path | None = None) -> dict[str, Any]:
+    """A ``[providers.lab]`` table for the test lab (Dovecot over IMAPS, the lab OAuth server);
+    ``imap``/``ca_file`` point it elsewhere, e.g. at a fault-injecting proxy."""
+    return {
+        "imap": imap or f"{lab.host}:{lab.ports['imaps']}",
+        "imap_tls": "implicit",
+        "ca_file": str(ca_file or lab.ca_file),
+        "sasl": "xoauth2",
+        "flow": "authorization_code",
+        "authorize_url": oauth.authorize_url,
+        "token_url": oauth.token_url,
+        "scopes": ["mail"],
+        "client_id": oauth.client_id,
+        "client_secret": oauth.client_secret,
+    }
+
+
 async def start_gateway(nursery: trio.Nursery, config: Config, **kwargs: Any) -> GatewayServer:
     """Build the real gateway (certificates, accounts, listeners) and start it in ``nursery``.
 

@@ -24,13 +24,13 @@ import trio
 from gateway.config import Config
 from gateway.oauth import commands
 from gateway.server import GatewayServer
-from tests.helpers_gateway import client_ssl_context, make_config, start_gateway
+from tests.helpers_gateway import client_ssl_context, lab_provider, make_config, start_gateway
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.test_oauth_support import Terminal
+from tests.wire import IO_TIMEOUT, LineWire
 
 PASSWORD = 'local "pass" \\word 1'
 USER = "alice"
-IO_TIMEOUT = 10.0
 
 
 @dataclass
@@ -80,43 +80,8 @@ class Gate:
         return Wire(stream, self.ssl_context)
 
 
-class Wire:
+class Wire(LineWire):
     """A raw IMAP client for byte-exact tests: send bytes, read lines and exact counts."""
-
-    def __init__(self, stream: trio.abc.Stream, ssl_context: ssl.SSLContext):
-        self.stream = stream
-        self.ssl_context = ssl_context
-        self.buf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _fill(self) -> bool:
-        with trio.fail_after(IO_TIMEOUT):
-            try:
-                chunk = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                chunk = b""
-        self.buf += chunk
-        return bool(chunk)
-
-    async def line(self) -> bytes:
-        """One line with its CRLF; ``b""`` at end of stream."""
-        while (idx := self.buf.find(b"\n")) < 0:
-            if not await self._fill():
-                rest, self.buf = bytes(self.buf), bytearray()
-                return rest
-        line = bytes(self.buf[: idx + 1])
-        del self.buf[: idx + 1]
-        return line
-
-    async def exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not await self._fill():
-                raise EOFError(f"wanted {n} bytes, stream ended after {len(self.buf)}")
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
 
     async def until_tagged(self, tag: bytes) -> list[bytes]:
         """Lines up to and including the tagged response ``tag`` (literals inline)."""
@@ -134,22 +99,6 @@ class Wire:
         await self.send(cmd + b"\r\n")
         return await self.until_tagged(tag)
 
-    async def eof(self) -> bool:
-        """True if the server closes the connection (after any remaining lines)."""
-        while await self._fill():
-            pass
-        await self.aclose()
-        return True
-
-    async def start_tls(self) -> None:
-        self.stream = trio.SSLStream(self.stream, self.ssl_context, server_hostname="localhost")
-        with trio.fail_after(IO_TIMEOUT):
-            await self.stream.do_handshake()
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(2):
-            await self.stream.aclose()
-
 
 def gate_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str,
                 **limits: Any) -> Config:
@@ -162,20 +111,7 @@ def gate_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream
              "plaintext_auth_from": ["127.0.0.0/8"]},
         ],
         "admin": {"enabled": False},
-        "providers": {
-            "lab": {
-                "imap": f"{lab.host}:{lab.ports['imaps']}",
-                "imap_tls": "implicit",
-                "ca_file": str(lab.ca_file),
-                "sasl": "xoauth2",
-                "flow": "authorization_code",
-                "authorize_url": oauth.authorize_url,
-                "token_url": oauth.token_url,
-                "scopes": ["mail"],
-                "client_id": oauth.client_id,
-                "client_secret": oauth.client_secret,
-            }
-        },
+        "providers": {"lab": lab_provider(lab, oauth)},
         "users": {USER: {"provider": "lab", "upstream_user": upstream_user}},
         "limits": {"auth_failure_delay": 0, "token_request_timeout": 5, "upstream_connect_timeout": 5,
                    **limits},

@@ -23,13 +23,13 @@ import trustme
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.helpers_gateway import client_ssl_context, make_config, start_gateway
+from tests.helpers_gateway import client_ssl_context, lab_provider, make_config, start_gateway
 from tests.faults.proxy import FaultProxy
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.lab import seed
 from tests.test_imap_support import PASSWORD, USER, SeededState, seed_account
+from tests.wire import IO_TIMEOUT, LineWire
 
-IO_TIMEOUT = 10.0
 LISTENERS = ("pop3s", "stls", "plain")
 
 
@@ -88,35 +88,8 @@ class PopGate:
         return await trio.to_thread.run_sync(seed.flags, self.lab, self.upstream_user, uid, self.mailbox)
 
 
-class PopWire:
+class PopWire(LineWire):
     """A raw POP3 client for byte-exact tests."""
-
-    def __init__(self, stream: trio.abc.Stream, ssl_context: ssl.SSLContext):
-        self.stream = stream
-        self.ssl_context = ssl_context
-        self.buf = bytearray()
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _fill(self) -> bool:
-        with trio.fail_after(IO_TIMEOUT):
-            try:
-                chunk = await self.stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                chunk = b""
-        self.buf += chunk
-        return bool(chunk)
-
-    async def line(self) -> bytes:
-        """One line with its CRLF; what is left (possibly ``b""``) at end of stream."""
-        while (idx := self.buf.find(b"\n")) < 0:
-            if not await self._fill():
-                rest, self.buf = bytes(self.buf), bytearray()
-                return rest
-        line = bytes(self.buf[: idx + 1])
-        del self.buf[: idx + 1]
-        return line
 
     async def command(self, cmd: str | bytes) -> bytes:
         await self.send((cmd.encode() if isinstance(cmd, str) else cmd) + b"\r\n")
@@ -143,21 +116,6 @@ class PopWire:
         _, wire = await self.multiline(cmd)
         return [(int(n), v) for n, v in (line.decode().split() for line in seed.unstuff(wire).splitlines())]
 
-    async def eof(self) -> bool:
-        while await self._fill():
-            pass
-        await self.aclose()
-        return True
-
-    async def start_tls(self) -> None:
-        self.stream = trio.SSLStream(self.stream, self.ssl_context, server_hostname="localhost")
-        with trio.fail_after(IO_TIMEOUT):
-            await self.stream.do_handshake()
-
-    async def aclose(self) -> None:
-        with trio.move_on_after(2):
-            await self.stream.aclose()
-
 
 def pop_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str, *,
                mailbox: str = "INBOX", delete: str = "expunge", imap: str | None = None,
@@ -171,20 +129,7 @@ def pop_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_
              "plaintext_auth_from": ["127.0.0.0/8"]},
         ],
         "admin": {"enabled": False},
-        "providers": {
-            "lab": {
-                "imap": imap or f"{lab.host}:{lab.ports['imaps']}",
-                "imap_tls": "implicit",
-                "ca_file": str(ca_file or lab.ca_file),
-                "sasl": "xoauth2",
-                "flow": "authorization_code",
-                "authorize_url": oauth.authorize_url,
-                "token_url": oauth.token_url,
-                "scopes": ["mail"],
-                "client_id": oauth.client_id,
-                "client_secret": oauth.client_secret,
-            }
-        },
+        "providers": {"lab": lab_provider(lab, oauth, imap=imap, ca_file=ca_file)},
         "users": {USER: {"provider": "lab", "upstream_user": upstream_user,
                          "pop3_mailbox": mailbox, "pop3_delete": delete}},
         "limits": {"auth_failure_delay": 0, "token_request_timeout": 5, "upstream_connect_timeout": 5,
