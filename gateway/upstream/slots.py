@@ -72,6 +72,7 @@ class UpstreamSlots:
         self._semaphore = trio.Semaphore(capacity)
         self.waiting = 0
         self.refused = 0  # acquisitions that gave up, for metrics
+        self.peak = 0  # most slots ever held at once
 
     @property
     def in_use(self) -> int:
@@ -85,7 +86,7 @@ class UpstreamSlots:
             pass
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return Slot(self)
+            return self._granted()
         if self._semaphore.value == 0:
             log.info(
                 "account %s: all %d upstream connections in use; waiting up to %gs",
@@ -95,7 +96,7 @@ class UpstreamSlots:
         try:
             with trio.move_on_after(self.wait):
                 await self._semaphore.acquire()
-                return Slot(self)
+                return self._granted()
         finally:
             self.waiting -= 1
         self.refused += 1
@@ -104,6 +105,10 @@ class UpstreamSlots:
             "limits.upstream_connections_per_account)", self.account, self.wait, self.capacity,
         )
         raise TemporaryFailure(SLOT_WAIT_EXCEEDED)
+
+    def _granted(self) -> Slot:
+        self.peak = max(self.peak, self.in_use)
+        return Slot(self)
 
     def _release(self) -> None:
         self._semaphore.release()

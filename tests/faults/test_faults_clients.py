@@ -276,7 +276,10 @@ async def test_upstream_connections_per_account_are_capped(
             await sessions[0].aclose()
         n.start_soon(release_one)
         assert (await pop.command(f"PASS {rig.pop.password}")).startswith(b"+OK")
-    assert rig.imap_proxy.peak_connections == 2
+    # mailgate never held more than two: the slot is released only once the old upstream
+    # connection is closed. (The proxy may briefly count three: it notices that close a moment
+    # after mailgate made it, so its own count is only exact while nothing is closing.)
+    assert rig.server.ctx.accounts.account("alice").upstream_slots.peak == 2
     await pop.command("QUIT")
     await pop.eof()
     await sessions[1].command(b"z LOGOUT")
