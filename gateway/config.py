@@ -21,9 +21,10 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -57,8 +58,30 @@ def parse_hostport(value: str, *, what: str = "address") -> tuple[str, int]:
     return host, int(port)
 
 
+def _valid_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_valid_hostport)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Bound(_Section):
+    """A section with a ``bind = "host:port"`` key."""
+
+    bind: HostPort
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.bind)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.bind)[1]
 
 
 class ServerSection(_Section):
@@ -77,19 +100,12 @@ class LoggingSection(_Section):
     format: Literal["text", "json"] = "text"
 
 
-class ListenerConfig(_Section):
+class ListenerConfig(_Bound):
     protocol: Literal["imap", "pop3"]
-    bind: str
     tls: Literal["implicit", "starttls", "none"]
     plaintext_auth_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, v: str) -> str:
-        parse_hostport(v, what="bind")
-        return v
 
     @field_validator("plaintext_auth_from", mode="before")
     @classmethod
@@ -107,37 +123,15 @@ class ListenerConfig(_Section):
         return v
 
     @property
-    def host(self) -> str:
-        return parse_hostport(self.bind)[0]
-
-    @property
-    def port(self) -> int:
-        return parse_hostport(self.bind)[1]
-
-    @property
     def name(self) -> str:
         return f"{self.protocol}/{self.tls}@{self.bind}"
 
 
-class AdminSection(_Section):
-    bind: str = "127.0.0.1:8025"
+class AdminSection(_Bound):
+    bind: HostPort = "127.0.0.1:8025"
     enabled: bool = True
     # Required when bind is not a loopback address (see docs/security.md).
     token: SecretStr | None = None
-
-    @field_validator("bind")
-    @classmethod
-    def _check_bind(cls, v: str) -> str:
-        parse_hostport(v, what="bind")
-        return v
-
-    @property
-    def host(self) -> str:
-        return parse_hostport(self.bind)[0]
-
-    @property
-    def port(self) -> int:
-        return parse_hostport(self.bind)[1]
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "AdminSection":
@@ -167,7 +161,7 @@ class ProviderConfig(_Section):
     name: str
     preset: str | None = None
     kind: str = "generic"
-    imap: str
+    imap: HostPort
     imap_tls: Literal["implicit", "starttls"] = "implicit"
     ca_file: Path | None = None
     sasl: Literal["xoauth2", "oauthbearer"] = "xoauth2"
@@ -186,12 +180,6 @@ class ProviderConfig(_Section):
     key_file: Path | None = None
     # Extra authorize-URL parameters (e.g. access_type=offline, prompt=consent for Google).
     authorize_params: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("imap")
-    @classmethod
-    def _check_imap(cls, v: str) -> str:
-        parse_hostport(v, what="imap")
-        return v
 
     @property
     def imap_host(self) -> str:
