@@ -24,6 +24,17 @@ def make_config(tmp_path: Path, raw: dict[str, Any]) -> Config:
     return parse_config(raw, base_dir=tmp_path, path=tmp_path / "mailgate.toml")
 
 
+def loopback_listeners(protocol: str) -> list[dict[str, Any]]:
+    """Three listeners on free loopback ports, in this order: implicit TLS, STARTTLS/STLS, and
+    cleartext with password logins allowed from 127.0.0.0/8."""
+    return [
+        {"protocol": protocol, "bind": "127.0.0.1:0", "tls": "implicit"},
+        {"protocol": protocol, "bind": "127.0.0.1:0", "tls": "starttls"},
+        {"protocol": protocol, "bind": "127.0.0.1:0", "tls": "none",
+         "plaintext_auth_from": ["127.0.0.0/8"]},
+    ]
+
+
 def lab_provider(lab: Any, oauth: Any, *, imap: str | None = None,
                  ca_file: Path | None = None) -> dict[str, Any]:
     """A ``[providers.lab]`` table for the test lab (Dovecot over IMAPS, the lab OAuth server);

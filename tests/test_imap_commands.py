@@ -32,6 +32,7 @@ from gateway.protocol.imap_commands import (
     rewrite_nonsync_literal,
     tagged,
 )
+from tests.splits import split_at
 
 
 def reader(**kw: int) -> CommandReader:
@@ -397,23 +398,13 @@ def _commands(draw: st.DrawFn, nonsync_limit: int | None = None) -> tuple[bytes,
     return b"".join(parts) + b"\r\n", cmd, b"".join(relayed) + b"\r\n"
 
 
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_commands(), min_size=1, max_size=4), st.lists(st.integers(min_value=0), max_size=12))
 def test_reader_parses_any_split_identically(cmds: list, cuts: list[int]) -> None:
     stream = b"".join(c[0] for c in cmds)
     r = reader()
     got = []
-    for piece in _split(stream, cuts):
+    for piece in split_at(stream, cuts):
         got += [e for e in events(r, piece) if not isinstance(e, LiteralContinue)]
     assert got == [c[1] for c in cmds]
 
@@ -431,7 +422,7 @@ def test_relay_forwards_any_split_identically(case: tuple, cuts: list[int]) -> N
     stream = b"".join(c[0] for c in cmds)
     r = relay(limit)
     out = []
-    for piece in _split(stream, cuts):
+    for piece in split_at(stream, cuts):
         r.receive_data(piece)
         while (ev := r.next_event()) is not NEED_DATA:
             out.append(ev)
@@ -446,7 +437,7 @@ def test_relay_forwards_any_split_identically(case: tuple, cuts: list[int]) -> N
 def test_reader_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int]) -> None:
     r = CommandReader(max_line=512, max_literal=512)
     try:
-        for piece in _split(data, cuts):
+        for piece in split_at(data, cuts):
             events(r, piece)
     except ProtocolError:
         pass
@@ -461,7 +452,7 @@ def test_reader_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[i
 def test_relay_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int], reports: list[str]) -> None:
     r = CommandRelay(max_line=512, max_literal=1000, nonsync_literal_limit=10)
     try:
-        for piece in _split(data, cuts):
+        for piece in split_at(data, cuts):
             r.receive_data(piece)
             while (ev := r.next_event()) is not NEED_DATA:
                 action = reports.pop() if reports else None

@@ -15,6 +15,7 @@ from gateway.protocol.imap_passthrough import (
     client_capabilities,
     rewrite_capability_line,
 )
+from tests.splits import split_at
 
 
 def scan(data: bytes | list[bytes], **kw: int) -> tuple[bytes, list]:
@@ -154,30 +155,20 @@ def _responses(draw: st.DrawFn) -> bytes:
     return b"* %d EXISTS\r\n" % draw(st.integers(0, 10**6))
 
 
-def _split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out, last = [], 0
-    for p in points:
-        out.append(data[last:p])
-        last = p
-    out.append(data[last:])
-    return out
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_responses(), min_size=1, max_size=8), st.lists(st.integers(min_value=0), max_size=12))
 def test_any_split_relays_identically(responses: list[bytes], cuts: list[int]) -> None:
     stream = b"".join(responses)
     whole = scan(stream)
-    assert scan(_split(stream, cuts)) == whole
-    assert scan(_split(stream, cuts), max_line=100) == whole
+    assert scan(split_at(stream, cuts)) == whole
+    assert scan(split_at(stream, cuts), max_line=100) == whole
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=800), st.lists(st.integers(min_value=0), max_size=6))
 def test_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int]) -> None:
     try:
-        out, _ = scan(_split(data, cuts), max_line=128)
+        out, _ = scan(split_at(data, cuts), max_line=128)
     except ProtocolError:
         return
     assert len(out) <= len(data) + 64 * (data.count(b"\n") + 1)

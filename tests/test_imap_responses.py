@@ -17,6 +17,7 @@ from gateway.protocol.imap_responses import (
     capabilities_of,
     rewrite_capabilities,
 )
+from tests.splits import split_at
 
 
 def feed_all(data: bytes, framer: ResponseFramer | None = None, step: int | None = None) -> list:
@@ -225,10 +226,8 @@ def test_random_splits_give_identical_events(wire: bytes, cuts: list[int], thres
     reference = merged(ResponseFramer(literal_stream_threshold=threshold).feed(wire))
     framer = ResponseFramer(literal_stream_threshold=threshold)
     events = []
-    prev = 0
-    for cut in sorted({c % (len(wire) + 1) for c in cuts}) + [len(wire)]:
-        events += framer.feed(wire[prev:cut])
-        prev = cut
+    for piece in split_at(wire, cuts):
+        events += framer.feed(piece)
     assert merged(events) == reference
     assert b"".join(e.raw for e in events) == wire
     assert framer.at_boundary

@@ -24,7 +24,13 @@ import trio
 from gateway.config import Config
 from gateway.oauth import commands
 from gateway.server import GatewayServer
-from tests.helpers_gateway import client_ssl_context, lab_provider, make_config, start_gateway
+from tests.helpers_gateway import (
+    client_ssl_context,
+    lab_provider,
+    loopback_listeners,
+    make_config,
+    start_gateway,
+)
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.test_oauth_support import Terminal
 from tests.wire import IO_TIMEOUT, LineWire
@@ -104,12 +110,7 @@ def gate_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream
                 **limits: Any) -> Config:
     raw = {
         "server": {"hostname": "localhost", "state_dir": "state"},
-        "listener": [
-            {"protocol": "imap", "bind": "127.0.0.1:0", "tls": "implicit"},
-            {"protocol": "imap", "bind": "127.0.0.1:0", "tls": "starttls"},
-            {"protocol": "imap", "bind": "127.0.0.1:0", "tls": "none",
-             "plaintext_auth_from": ["127.0.0.0/8"]},
-        ],
+        "listener": loopback_listeners("imap"),
         "admin": {"enabled": False},
         "providers": {"lab": lab_provider(lab, oauth)},
         "users": {USER: {"provider": "lab", "upstream_user": upstream_user}},

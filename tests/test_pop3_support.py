@@ -23,7 +23,13 @@ import trustme
 
 from gateway.config import Config
 from gateway.server import GatewayServer
-from tests.helpers_gateway import client_ssl_context, lab_provider, make_config, start_gateway
+from tests.helpers_gateway import (
+    client_ssl_context,
+    lab_provider,
+    loopback_listeners,
+    make_config,
+    start_gateway,
+)
 from tests.faults.proxy import FaultProxy
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.lab import seed
@@ -122,12 +128,7 @@ def pop_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_
                ca_file: Path | None = None, **limits: Any) -> Config:
     raw = {
         "server": {"hostname": "localhost", "state_dir": "state"},
-        "listener": [
-            {"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "implicit"},
-            {"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "starttls"},
-            {"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "none",
-             "plaintext_auth_from": ["127.0.0.0/8"]},
-        ],
+        "listener": loopback_listeners("pop3"),
         "admin": {"enabled": False},
         "providers": {"lab": lab_provider(lab, oauth, imap=imap, ca_file=ca_file)},
         "users": {USER: {"provider": "lab", "upstream_user": upstream_user,

@@ -29,7 +29,7 @@ import trustme
 from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.faults.proxy import FaultProxy
-from tests.helpers_gateway import make_config, start_gateway
+from tests.helpers_gateway import loopback_listeners, make_config, start_gateway
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.test_imap_support import PASSWORD, USER, Gate, SeededState
 from tests.test_pop3_support import PopGate
@@ -64,11 +64,7 @@ def proxy_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 
 def rig_config(tmp_path: Path, *, imap: str, ca_file: Path, token_url: str, oauth: LabOAuthServer,
                upstream_user: str, mailbox: str, **limits: Any) -> Config:
-    listeners = [
-        {"protocol": protocol, "bind": "127.0.0.1:0", "tls": tls,
-         **({"plaintext_auth_from": ["127.0.0.0/8"]} if tls == "none" else {})}
-        for protocol in ("imap", "pop3") for tls in ("implicit", "starttls", "none")
-    ]
+    listeners = loopback_listeners("imap") + loopback_listeners("pop3")
     raw = {
         "server": {"hostname": "localhost", "state_dir": "state"},
         "listener": listeners,
