@@ -27,6 +27,7 @@ from gateway.frontends.pop3_mapping import (
     gmail_uidl,
     valid_uidl,
 )
+from gateway.frontends.pop3_session import Pop3Session
 from gateway.protocol import pop3
 from gateway.protocol.imap_responses import ResponseFramer
 from gateway.upstream.client import MessageVanished, UpstreamResponse
@@ -299,6 +300,11 @@ async def test_a_refused_binary_fetch_is_retried_with_body(tmp_path: Path) -> No
     assert b"".join(sent) == b"+OK 20 octets\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
     await drop.send(1, sink, top_lines=0)  # remembered: no second BINARY attempt
     assert sections(up) == [(1, b"BINARY.PEEK[]"), (1, b"BODY.PEEK[]"), (1, b"BODY.PEEK[]")]
+
+
+def test_every_command_the_parser_accepts_has_a_handler() -> None:
+    assert set(Pop3Session.HANDLERS) == pop3.KNOWN_COMMANDS - {"APOP"}
+    assert set(Pop3Session.HANDLERS) == set().union(*pop3.ALLOWED.values())
 
 
 def test_maildrop_lock_is_exclusive(tmp_path: Path) -> None:
