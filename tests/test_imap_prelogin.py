@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import base64
+import ssl
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.helpers_gateway import lab_provider, make_config, start_gateway
+from tests.lab import LabDovecot, LabOAuthServer
 from tests.test_imap_e2e import quoted
-from tests.test_imap_support import Gate, caps_of, gate, seeded_state, start_seeded_gate  # noqa: F401
+from tests.test_imap_support import (  # noqa: F401
+    Gate,
+    Wire,
+    caps_of,
+    gate,
+    seeded_state,
+    start_seeded_gate,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -54,6 +64,30 @@ async def test_cleartext_listener_allows_login_from_trusted_network(gate: Gate) 
     w = await gate.wire("plain")
     caps = caps_of(await w.line())
     assert "AUTH=PLAIN" in caps and not caps & {"STARTTLS", "LOGINDISABLED"}
+    await w.aclose()
+
+
+async def test_listener_without_tls_refuses_passwords_without_pointing_to_starttls(
+    nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+) -> None:
+    """``tls = "none"`` without ``plaintext_auth_from``: LOGINDISABLED, and the refusal must not
+    tell the client to use STARTTLS, which this listener does not offer."""
+    config = make_config(tmp_path, {
+        "server": {"hostname": "localhost", "state_dir": "state"},
+        "listener": [{"protocol": "imap", "bind": "127.0.0.1:0", "tls": "none"}],
+        "admin": {"enabled": False},
+        "providers": {"lab": lab_provider(lab, oauth_server)},
+        "users": {"alice": {"provider": "lab", "upstream_user": lab.new_user("notls")}},
+    })
+    server = await start_gateway(nursery, config)
+    w = Wire(await trio.open_tcp_stream(*server.addresses[0]), ssl.create_default_context())  # never used
+    caps = caps_of(await w.line())
+    assert "LOGINDISABLED" in caps and "STARTTLS" not in caps
+    refused = b" NO [PRIVACYREQUIRED] Plaintext authentication is not allowed without TLS: this port offers no TLS.\r\n"
+    assert await w.command(b"a LOGIN alice pw") == [b"a" + refused]
+    plain = base64.b64encode(b"\0alice\0pw")
+    assert await w.command(b"b AUTHENTICATE PLAIN " + plain) == [b"b" + refused]
+    assert await w.command(b"s STARTTLS") == [b"s BAD STARTTLS is not offered here.\r\n"]
     await w.aclose()
 
 

@@ -105,7 +105,14 @@ def test_state_table():
 
 def test_quit_in_authorization_does_not_enter_update():
     session = SessionState()
+    session.user_accepted("alice")
     assert session.quit() is False
+    assert session.state is State.AUTHORIZATION and session.finished
+    assert session.pending_user is None
+    with pytest.raises(CommandRejected, match="ended"):
+        parse_command(b"CAPA", session)
+    with pytest.raises(RuntimeError):
+        session.logged_in()  # still refused: no login after QUIT either
 
 
 def test_unknown_empty_and_apop():

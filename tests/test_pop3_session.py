@@ -10,7 +10,7 @@ import trio
 
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.test_imap_support import SeededState
-from tests.test_pop3_support import PopGate, pop3_seeded, pop_gate, start_pop_gate  # noqa: F401
+from tests.test_pop3_support import PopGate, PopWire, pop3_seeded, pop_gate, start_pop_gate  # noqa: F401
 
 pytestmark = pytest.mark.lab
 
@@ -59,6 +59,28 @@ async def test_plaintext_listener_from_trusted_network(pop_gate: PopGate) -> Non
     assert await w.command("STAT") == b"+OK 0 0\r\n"
     assert await w.command("STLS") == b"-ERR STLS is not allowed in the TRANSACTION state.\r\n"
     assert await w.command("QUIT") == b"+OK Logging out.\r\n"
+    assert await w.eof()
+
+
+async def test_listener_without_tls_refuses_passwords_without_pointing_to_stls(
+    nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+    pop3_seeded: SeededState,
+) -> None:
+    """``tls = "none"`` without ``plaintext_auth_from``: no password login, and the refusal
+    must not tell the client to use STLS, which this listener does not offer."""
+    no_tls = {"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "none"}
+    gate = await start_pop_gate(nursery, tmp_path, lab, oauth_server, pop3_seeded, extra_listeners=(no_tls,))
+    w = PopWire(await trio.open_tcp_stream(*gate.server.addresses[3]), gate.ssl_context)
+    assert (await w.line()).startswith(b"+OK")
+    _, wire = await w.multiline("CAPA")
+    assert not {"STLS", "USER", "SASL PLAIN"} & set(wire.decode().split("\r\n"))
+    refused = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections: this port offers no TLS.\r\n"
+    assert await w.command("USER alice") == refused
+    plain = base64.b64encode(f"\0alice\0{gate.password}".encode()).decode()
+    assert await w.command(f"AUTH PLAIN {plain}") == refused
+    # QUIT in AUTHORIZATION ends the session at once: the pipelined CAPA is never answered.
+    await w.send(b"QUIT\r\nCAPA\r\n")
+    assert await w.line() == b"+OK Logging out.\r\n"
     assert await w.eof()
 
 

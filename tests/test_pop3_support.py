@@ -125,10 +125,12 @@ class PopWire(LineWire):
 
 def pop_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str, *,
                mailbox: str = "INBOX", delete: str = "expunge", imap: str | None = None,
-               ca_file: Path | None = None, **limits: Any) -> Config:
+               ca_file: Path | None = None, extra_listeners: tuple[dict[str, Any], ...] = (),
+               **limits: Any) -> Config:
+    """``extra_listeners`` come after the three of :data:`LISTENERS` (``server.addresses[3:]``)."""
     raw = {
         "server": {"hostname": "localhost", "state_dir": "state"},
-        "listener": loopback_listeners("pop3"),
+        "listener": loopback_listeners("pop3") + list(extra_listeners),
         "admin": {"enabled": False},
         "providers": {"lab": lab_provider(lab, oauth, imap=imap, ca_file=ca_file)},
         "users": {USER: {"provider": "lab", "upstream_user": upstream_user,

@@ -17,17 +17,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.frontends.pop3_mapping import (
+    STRUCTURE_BATCH,
     CommitRefused,
     Maildrop,
     MaildropLock,
     SizeCache,
+    binary_is_verbatim,
     default_uidl,
     gmail_uidl,
     valid_uidl,
 )
+from gateway.frontends.pop3_session import Pop3Session
 from gateway.protocol import pop3
 from gateway.protocol.imap_responses import ResponseFramer
-from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.client import MessageVanished, UpstreamResponse
 
 
 @dataclass
@@ -44,6 +47,8 @@ class RecordingUpstream:
     trash: str | None = "Trash"
     gm_ids: dict[int, int] = field(default_factory=dict)
     extra: bytes = b""  # something a server might add to each FETCH answer, e.g. b" FLAGS ()"
+    structures: dict[int, Any] = field(default_factory=dict)  # uid -> parsed BODYSTRUCTURE
+    refuse_binary: bool = False  # answer a BINARY fetch like a server refusing it
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
     async def command(self, cmd: bytes) -> UpstreamResponse:
@@ -67,6 +72,9 @@ class RecordingUpstream:
         return list(self.sizes)
 
     async def fetch_attrs(self, uids: list[int], attrs: bytes) -> dict[int, dict[bytes, Any]]:
+        self.calls.append(("fetch_attrs", list(uids), attrs))
+        if attrs == b"BODYSTRUCTURE":
+            return {uid: {attrs: self.structures[uid]} for uid in uids if uid in self.structures}
         assert attrs == b"X-GM-MSGID"
         return {uid: {b"X-GM-MSGID": self.gm_ids[uid]} for uid in uids if uid in self.gm_ids}
 
@@ -84,6 +92,10 @@ class RecordingUpstream:
 
     @asynccontextmanager
     async def stream_body(self, uid: int, section: bytes, partial: Any = None):  # type: ignore[no-untyped-def]
+        self.calls.append(("stream_body", uid, section))
+        if self.refuse_binary and section.startswith(b"BINARY"):
+            raise MessageVanished("NO Unknown Content-Transfer-Encoding")
+
         async def chunks():  # type: ignore[no-untyped-def]
             yield b"Subject: x\n\nbody\n"
         yield chunks()
@@ -190,6 +202,109 @@ async def test_damaged_size_cache_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "sizes.json").write_text("{not json")
     drop = await open_drop(tmp_path, RecordingUpstream(frozenset(), [(1, 42)]))
     assert drop.stat() == (1, 42)
+
+
+# BODYSTRUCTUREs as the upstream client parses them (a multipart's parts come as one list).
+TEXT_7BIT = (b"text", b"plain", (b"charset", b"us-ascii"), None, None, b"7bit", 21, 2, None, None, None, None)
+TEXT_8BIT = (b"TEXT", b"PLAIN", None, None, None, b"8BIT", 3, 0, None, None, None, None)
+BASE64 = (b"application", b"octet-stream", None, None, None, b"base64", 10, None, None, None, None)
+QP = (b"text", b"plain", None, None, None, b"quoted-printable", 10, 1, None, None, None, None)
+UUENCODE = (b"text", b"plain", None, None, None, b"x-uuencode", 28, 4, None, None, None, None)
+ENVELOPE = (None, b"inner", None, None, None, None, None, None, None, None)
+
+
+def rfc822(inner: Any, encoding: bytes = b"7bit") -> tuple[Any, ...]:
+    return (b"message", b"rfc822", None, None, None, encoding, 129, ENVELOPE, inner, 7, None, None, None, None)
+
+
+def multipart(*parts: Any) -> tuple[Any, ...]:
+    return (list(parts), b"mixed", (b"boundary", b"b"), None, None, None)
+
+
+def test_binary_is_verbatim_only_when_every_part_has_an_identity_encoding() -> None:
+    verbatim = [
+        TEXT_7BIT,
+        TEXT_8BIT,
+        (b"application", b"octet-stream", None, None, None, b"binary", 5, None, None, None, None),
+        multipart(TEXT_7BIT, TEXT_8BIT),
+        rfc822(TEXT_8BIT),
+        multipart(TEXT_7BIT, rfc822(multipart(TEXT_8BIT, TEXT_7BIT))),
+        # a multipart written as leading part sequences: the parameter list is not a part
+        (TEXT_7BIT, TEXT_8BIT, b"mixed", (b"boundary", b"b"), None, None, None),
+    ]
+    for structure in verbatim:
+        assert binary_is_verbatim(structure), structure
+    decoded_or_unknown = [
+        BASE64,
+        QP,
+        UUENCODE,  # BINARY refuses it (RFC 3516 UNKNOWN-CTE)
+        multipart(TEXT_7BIT, BASE64),
+        rfc822(BASE64),  # BINARY decodes inside an enclosed message too
+        multipart(TEXT_7BIT, rfc822(multipart(TEXT_8BIT, QP))),
+        (TEXT_7BIT, BASE64, b"mixed", None),
+        (b"text", b"plain", None, None, None, None, 3, 0),  # NIL encoding
+        rfc822(None),
+        (b"text", b"plain"),  # too short
+        (),
+        None,
+        b"7bit",
+    ]
+    for structure in decoded_or_unknown:
+        assert not binary_is_verbatim(structure), structure
+
+
+def sections(upstream: RecordingUpstream) -> list[tuple[int, bytes]]:
+    return [(c[1], c[2]) for c in upstream.calls if c[0] == "stream_body"]
+
+
+async def test_binary_fetch_where_the_upstream_has_it_and_it_is_the_stored_message(tmp_path: Path) -> None:
+    up = RecordingUpstream(frozenset({"BINARY"}), [(uid, 20) for uid in range(1, 4 + STRUCTURE_BATCH)],
+                           structures={1: TEXT_7BIT, 2: multipart(TEXT_8BIT, BASE64), 3: rfc822(TEXT_8BIT)})
+    drop = await open_drop(tmp_path, up)
+    drop.delete(2)
+
+    async def sink(data: bytes) -> None:
+        pass
+
+    await drop.send(1, sink)
+    # One BODYSTRUCTURE fetch for this message and the next ones not marked deleted.
+    batch = [1] + list(range(3, 2 + STRUCTURE_BATCH))
+    assert [c for c in up.calls if c[0] == "fetch_attrs"] == [("fetch_attrs", batch, b"BODYSTRUCTURE")]
+    drop.reset()
+    await drop.send(2, sink)  # not asked yet (it was marked): with those still unknown
+    await drop.send(3, sink, top_lines=1)
+    await drop.send(4, sink)  # no BODYSTRUCTURE in the answer: BODY[]
+    await drop.send(3 + STRUCTURE_BATCH, sink)
+    assert [c[1] for c in up.calls if c[0] == "fetch_attrs"][1:] == [
+        [2, 2 + STRUCTURE_BATCH, 3 + STRUCTURE_BATCH]
+    ]
+    assert sections(up) == [(1, b"BINARY.PEEK[]"), (2, b"BODY.PEEK[]"), (3, b"BINARY.PEEK[]"),
+                            (4, b"BODY.PEEK[]"), (3 + STRUCTURE_BATCH, b"BODY.PEEK[]")]
+
+    plain = RecordingUpstream(frozenset({"UIDPLUS"}), [(1, 20)], structures={1: TEXT_7BIT})
+    drop = await open_drop(tmp_path, plain)
+    await drop.send(1, sink)
+    assert sections(plain) == [(1, b"BODY.PEEK[]")]
+    assert not [c for c in plain.calls if c[0] == "fetch_attrs"]
+
+
+async def test_a_refused_binary_fetch_is_retried_with_body(tmp_path: Path) -> None:
+    up = RecordingUpstream(frozenset({"BINARY"}), [(1, 20)], structures={1: TEXT_7BIT}, refuse_binary=True)
+    drop = await open_drop(tmp_path, up)
+    sent: list[bytes] = []
+
+    async def sink(data: bytes) -> None:
+        sent.append(data)
+
+    await drop.send(1, sink)
+    assert b"".join(sent) == b"+OK 20 octets\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+    await drop.send(1, sink, top_lines=0)  # remembered: no second BINARY attempt
+    assert sections(up) == [(1, b"BINARY.PEEK[]"), (1, b"BODY.PEEK[]"), (1, b"BODY.PEEK[]")]
+
+
+def test_every_command_the_parser_accepts_has_a_handler() -> None:
+    assert set(Pop3Session.HANDLERS) == pop3.KNOWN_COMMANDS - {"APOP"}
+    assert set(Pop3Session.HANDLERS) == set().union(*pop3.ALLOWED.values())
 
 
 def test_maildrop_lock_is_exclusive(tmp_path: Path) -> None:

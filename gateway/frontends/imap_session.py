@@ -77,6 +77,10 @@ REAUTHORIZE_ALERT = "Your mail account must be authorized again: please contact 
 UNAVAILABLE = "Mail server temporarily unavailable, try again later."
 UNSUPPORTED_MECHANISM = "Unsupported authentication mechanism."
 PRIVACY_REQUIRED = "Plaintext authentication is not allowed without TLS: use STARTTLS."
+#: The same refusal on a listener without TLS (``tls = "none"``), which offers no STARTTLS.
+PRIVACY_REQUIRED_NO_TLS = (
+    "Plaintext authentication is not allowed without TLS: this port offers no TLS."
+)
 
 
 def _auth_failed(tag: bytes) -> bytes:
@@ -308,7 +312,8 @@ class PreLogin:
         if self.stream.plaintext_auth_allowed():
             return True
         self._publish_failure("-", "plaintext_refused")
-        await self.send(tagged(tag, "NO", PRIVACY_REQUIRED, code="PRIVACYREQUIRED"))
+        text = PRIVACY_REQUIRED if self.starttls_offered else PRIVACY_REQUIRED_NO_TLS
+        await self.send(tagged(tag, "NO", text, code="PRIVACYREQUIRED"))
         return False
 
     # -- the login itself
@@ -360,14 +365,16 @@ class PreLogin:
         self.ctx.events.publish(event)
 
 
+# The commands answered before login, each with the section defining it (RFC 9051, the same
+# numbers in RFC 3501).
 _HANDLERS = {
-    b"CAPABILITY": PreLogin._capability,
-    b"NOOP": PreLogin._noop,
-    b"LOGOUT": PreLogin._logout,
-    b"ID": PreLogin._id,
-    b"STARTTLS": PreLogin._starttls,
-    b"LOGIN": PreLogin._login,
-    b"AUTHENTICATE": PreLogin._authenticate,
+    b"CAPABILITY": PreLogin._capability,  # RFC 9051 §6.1.1
+    b"NOOP": PreLogin._noop,  # RFC 9051 §6.1.2
+    b"LOGOUT": PreLogin._logout,  # RFC 9051 §6.1.3
+    b"ID": PreLogin._id,  # RFC 2971 §3.1
+    b"STARTTLS": PreLogin._starttls,  # RFC 9051 §6.2.1
+    b"LOGIN": PreLogin._login,  # RFC 9051 §6.2.3
+    b"AUTHENTICATE": PreLogin._authenticate,  # RFC 9051 §6.2.2 (SASL-IR: RFC 4959)
 }
 # Valid IMAP commands that need a login first (answered "Log in first" rather than "Unknown").
 _AFTER_LOGIN = frozenset(

@@ -23,15 +23,27 @@ top of IMAP:
   from INBOX only archives); ``"keep"`` only marks them \\Seen. A session that ends any
   other way (dropped connection, timeout, upstream failure, QUIT before login) never
   reaches :meth:`Maildrop.commit`, so nothing is deleted.
-* **\\Seen on RETR, not TOP.** RETR fetches ``BODY.PEEK[]``; once the whole message went
-  out its UID is noted, and :meth:`Maildrop.flush_seen` stores ``+FLAGS.SILENT (\\Seen)``
-  for all of them in one command at QUIT, or when the session ends any other way while the
-  upstream still answers (as Dovecot does: no round trip per RETR, which matters on a
-  distant provider). TOP never marks.
+* **\\Seen on RETR, not TOP.** RETR fetches ``BODY.PEEK[]`` (or ``BINARY.PEEK[]``, below);
+  once the whole message went out its UID is noted, and :meth:`Maildrop.flush_seen`
+  stores ``+FLAGS.SILENT (\\Seen)`` for all of them in one command at QUIT, or when the
+  session ends any other way while the upstream still answers (as Dovecot does: no round
+  trip per RETR, which matters on a distant provider). TOP never marks.
 * **Streaming.** Bodies flow chunk by chunk from the upstream literal through the sans-IO
   :class:`~gateway.protocol.pop3.MessageEncoder` to the client; no message is held in
-  memory. TOP of a big message reads it in growing ``BODY.PEEK[]<offset.length>`` windows
+  memory. TOP of a big message reads it in growing ``.PEEK[]<offset.length>`` windows
   and stops as soon as the header and *k* body lines are out.
+* **NUL bytes and BINARY.** An IMAP literal cannot carry a NUL byte, so ``BODY[]`` of a
+  message that contains one is not the stored message (Dovecot sends 0x80 instead, where
+  its own POP3 server sends the NUL). When the upstream has BINARY (RFC 3516), RETR and
+  TOP fetch ``BINARY.PEEK[]`` instead, whose literal8 (``~{n}``) carries any octet, but
+  only for a message whose every MIME part has an identity Content-Transfer-Encoding
+  (7bit, 8bit or binary, RFC 2045 §6.2, nested ``message/rfc822`` parts included): BINARY
+  decodes base64 and quoted-printable parts (and renames their encoding), so for any
+  other message it is not the stored message either, and ``BODY.PEEK[]`` is used. That
+  is learned from ``BODYSTRUCTURE``, asked for :data:`STRUCTURE_BATCH` messages at a time
+  (the one wanted and those after it: clients download in order), so it costs one round
+  trip per batch. A BINARY fetch the server refuses is retried once with ``BODY.PEEK[]``.
+  Both give the same number of octets, so the sizes are the same either way.
 * **UIDL** is unique and stable across sessions, 1-70 characters of 0x21-0x7E: Dovecot's
   default ``%08Xu%08Xv`` form (UID, then UIDVALIDITY, 8 lower-case hex digits each, the
   same value Dovecot's own POP3 server gives) or, when the server has X-GM-EXT-1 (Gmail),
@@ -53,6 +65,7 @@ top of IMAP:
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -67,7 +80,7 @@ import trio
 
 from ..errors import MailgateError
 from ..protocol import pop3
-from ..upstream.client import MessageVanished
+from ..upstream.client import CommandFailed, MessageVanished
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -81,6 +94,13 @@ MAX_SIZE_CACHE_ENTRIES = 100_000
 STATE_SUBDIR = "pop3"
 #: The UIDL prefix for Gmail's X-GM-MSGID.
 GMAIL_UIDL_PREFIX = "GmailId"
+#: BODYSTRUCTURE is asked for this many messages at a time (BINARY upstreams only).
+STRUCTURE_BATCH = 50
+
+BODY = b"BODY.PEEK[]"
+BINARY = b"BINARY.PEEK[]"
+#: The Content-Transfer-Encodings BINARY leaves as they are (RFC 2045 §6.2).
+IDENTITY_ENCODINGS = frozenset({b"7BIT", b"8BIT", b"BINARY"})
 
 SEEN = rb"+FLAGS.SILENT (\Seen)"
 DELETED = rb"+FLAGS.SILENT (\Deleted)"
@@ -228,6 +248,45 @@ def valid_uidl(uidl: str) -> bool:
     return 1 <= len(uidl) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uidl)
 
 
+# -- BODYSTRUCTURE -----------------------------------------------------------------------
+
+
+def binary_is_verbatim(structure: object) -> bool:
+    """Whether ``BINARY[]`` of a message with this BODYSTRUCTURE is the message as stored.
+
+    True when every part, nested ``message/rfc822`` and ``message/global`` parts included,
+    has an identity encoding (:data:`IDENTITY_ENCODINGS`); false for anything else,
+    including a structure that is not understood. ``structure`` is the parsed
+    BODYSTRUCTURE: a single part is a sequence whose items 0, 1 and 5 are type, subtype
+    and encoding and whose item 8 is the enclosed message's structure for
+    ``message/rfc822``; a multipart starts with its parts, either as one list or as
+    leading sequences.
+    """
+    pending = [structure]
+    while pending:
+        part = pending.pop()
+        if not isinstance(part, (tuple, list)) or not part:
+            return False
+        head = part[0]
+        if isinstance(head, list):
+            pending.extend(head)
+            continue
+        if isinstance(head, tuple):
+            pending.extend(itertools.takewhile(lambda p: isinstance(p, (tuple, list)), part))
+            continue
+        if len(part) < 7 or not isinstance(part[5], bytes):
+            return False
+        if part[5].upper() not in IDENTITY_ENCODINGS:
+            return False
+        kind = head.lower() if isinstance(head, bytes) else b""
+        subtype = part[1].lower() if isinstance(part[1], bytes) else b""
+        if kind == b"message" and subtype in (b"rfc822", b"global"):
+            if len(part) < 9:
+                return False
+            pending.append(part[8])
+    return True
+
+
 # -- the maildrop -----------------------------------------------------------------------
 
 
@@ -253,6 +312,7 @@ class Maildrop:
         self._server_sizes = server_sizes
         self._sizes = size_cache
         self._retrieved: set[int] = set()  # UIDs fully sent by RETR, not yet marked \Seen
+        self._verbatim: dict[int, bool] = {}  # UID -> BINARY[] is the stored message
 
     # ------------------------------------------------------------------ opening
 
@@ -323,24 +383,57 @@ class Maildrop:
         message = self.get(number)
         answer = _Answer(sink, pop3.ok(f"{message.size} octets" if top_lines is None else ""))
         encoder = pop3.MessageEncoder(top_lines)
-        if top_lines is None or message.size <= TOP_FIRST_WINDOW:
-            await self._stream(message, answer, encoder, partial=None)
-        else:
-            await self._stream_windows(message, answer, encoder)
+        section = await self._section(message)
+        try:
+            await self._fetch(message, answer, encoder, section, top=top_lines is not None)
+        except MessageUnavailable:
+            if section == BODY or answer.started:
+                raise
+            log.info("uid %d: BINARY fetch refused; fetching BODY instead", message.uid)
+            self._verbatim[message.uid] = False
+            await self._fetch(message, answer, encoder, BODY, top=top_lines is not None)
         await answer.write(encoder.finish())
         if top_lines is None:
             await self._after_retr(message, encoder.octets)
 
+    async def _section(self, message: Message) -> bytes:
+        """``BINARY.PEEK[]`` where that is the stored message, else ``BODY.PEEK[]``."""
+        if "BINARY" not in self._upstream.capabilities:
+            return BODY
+        if message.uid not in self._verbatim:
+            await self._learn_structures(message)
+        return BINARY if self._verbatim.get(message.uid) else BODY
+
+    async def _learn_structures(self, first: Message) -> None:
+        """BODYSTRUCTURE of ``first`` and the next not yet known messages, in one UID FETCH."""
+        uids = [m.uid for m in self.messages[first.number - 1 :]
+                if not m.deleted and m.uid not in self._verbatim][:STRUCTURE_BATCH]
+        try:
+            fetched = await self._upstream.fetch_attrs(uids, b"BODYSTRUCTURE")
+        except CommandFailed as exc:  # the connection is fine: fall back to BODY[]
+            log.info("BODYSTRUCTURE refused (%s); fetching BODY", exc)
+            fetched = {}
+        for uid in uids:
+            structure = fetched.get(uid, {}).get(b"BODYSTRUCTURE")
+            self._verbatim[uid] = structure is not None and binary_is_verbatim(structure)
+
+    async def _fetch(
+        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder, section: bytes,
+        *, top: bool,
+    ) -> None:
+        if not top or message.size <= TOP_FIRST_WINDOW:
+            await self._stream(message, answer, encoder, section, partial=None)
+        else:
+            await self._stream_windows(message, answer, encoder, section)
+
     async def _stream(
-        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder,
+        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder, section: bytes,
         partial: tuple[int, int] | None,
     ) -> int:
         """Feed one (partial) fetch of ``message`` to ``encoder``; returns the bytes read."""
         received = 0
         try:
-            async with self._upstream.stream_body(
-                message.uid, b"BODY.PEEK[]", partial=partial
-            ) as chunks:
+            async with self._upstream.stream_body(message.uid, section, partial=partial) as chunks:
                 async for chunk in chunks:
                     received += len(chunk)
                     await answer.write(encoder.feed(chunk))
@@ -351,12 +444,13 @@ class Maildrop:
         return received
 
     async def _stream_windows(
-        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder
+        self, message: Message, answer: _Answer, encoder: pop3.MessageEncoder, section: bytes
     ) -> None:
         """TOP of a big message: fetch growing windows until TOP has what it needs."""
         offset, window = 0, TOP_FIRST_WINDOW
         while not encoder.done:
-            received = await self._stream(message, answer, encoder, partial=(offset, window))
+            received = await self._stream(message, answer, encoder, section,
+                                          partial=(offset, window))
             offset += received
             if received < window:
                 break  # the end of the message (RFC822.SIZE is not trusted for this)

@@ -7,17 +7,20 @@ Theory of operation
 (:mod:`gateway.protocol.pop3`) and the IMAP translation
 (:mod:`gateway.frontends.pop3_mapping`). It reads client bytes into a
 :class:`~gateway.protocol.pop3.LineReader`, parses each line against the session's
-RFC 1939 state and answers; the server closes the connection when it returns.
+RFC 1939 state and answers through ``Pop3Session.HANDLERS``, the table of one handler
+per command (with the RFC section that defines it); the server closes the connection
+when it returns.
 
 AUTHORIZATION
     CAPA, USER/PASS, AUTH PLAIN (initial response or a ``+`` continuation, ``*``
     cancels), STLS (only without TLS; everything the client sent after the STLS line is
     discarded before the handshake, RFC 2595 §3.1), QUIT. Passwords are only accepted
     over TLS or from the listener's ``plaintext_auth_from`` networks (``-ERR [AUTH]``
-    otherwise, and CAPA then lists neither USER nor SASL). A login checks the local
-    password (``AccountManager.login``), takes the account's exclusive maildrop lock
-    (``-ERR [IN-USE]`` if another POP3 session holds it), logs in upstream and takes the
-    snapshot. Each wait for a line is bounded by ``limits.login_timeout``; after
+    otherwise, pointing to STLS only where it is offered, and CAPA then lists neither
+    USER nor SASL). QUIT ends the session without entering UPDATE. A login checks the
+    local password (``AccountManager.login``), takes the account's exclusive maildrop
+    lock (``-ERR [IN-USE]`` if another POP3 session holds it), logs in upstream and takes
+    the snapshot. Each wait for a line is bounded by ``limits.login_timeout``; after
     ``limits.max_bad_commands_prelogin`` bad commands or failed logins the connection
     is closed.
 
@@ -43,7 +46,8 @@ Nothing secret (passwords, tokens, SASL data, message bodies) is ever logged.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
@@ -87,6 +91,15 @@ MAILBOX_UNAVAILABLE = pop3.err("The mailbox cannot be opened upstream.", Code.SY
 PLAINTEXT_REFUSED = pop3.err(
     "Plaintext authentication disallowed on non-secure connections: use STLS.", Code.AUTH
 )
+#: The same refusal on a listener without TLS (``tls = "none"``), which offers no STLS.
+PLAINTEXT_REFUSED_NO_TLS = pop3.err(
+    "Plaintext authentication disallowed on non-secure connections: this port offers no TLS.",
+    Code.AUTH,
+)
+
+
+#: A command handler of :class:`Pop3Session` (see ``Pop3Session.HANDLERS``).
+Handler = Callable[["Pop3Session", Command], Awaitable[None]]
 
 
 async def handle_pop3(stream: "ClientStream", ctx: "GatewayContext") -> None:
@@ -142,7 +155,7 @@ class Pop3Session:
     async def run(self) -> None:
         try:
             await self.send(GREETING)
-            while self.state.state is not State.UPDATE:
+            while not self.state.finished:
                 line = await self.next_line()
                 if line is None:
                     return
@@ -226,9 +239,9 @@ class Pop3Session:
         except pop3.CommandRejected as exc:
             await self.bad(pop3.err(f"{exc}."))
             return
-        handler = getattr(self, f"cmd_{command.name.lower()}")
+        handler = self.HANDLERS[command.name]
         try:
-            await handler(command)
+            await handler(self, command)
         except MessageUnavailable as exc:
             await self.send(pop3.err(f"{exc}."))
         except UpstreamError as exc:
@@ -324,7 +337,7 @@ class Pop3Session:
 
     async def _refuse_plaintext(self) -> None:
         self._publish_failure("-", "plaintext_refused")
-        await self.bad(PLAINTEXT_REFUSED)
+        await self.bad(PLAINTEXT_REFUSED if self._stls_available() else PLAINTEXT_REFUSED_NO_TLS)
 
     async def cmd_quit(self, command: Command) -> None:
         if not self.state.quit():
@@ -487,6 +500,31 @@ class Pop3Session:
 
     async def cmd_noop(self, command: Command) -> None:
         await self.send(pop3.ok())
+
+    # ------------------------------------------------------------------ the command table
+
+    #: Every command :func:`~gateway.protocol.pop3.parse_command` accepts, with the section
+    #: of the RFC that defines it. Which state allows which command is the parser's table
+    #: (:data:`gateway.protocol.pop3.ALLOWED`); APOP never gets here (the parser refuses it).
+    HANDLERS: ClassVar[dict[str, Handler]] = {
+        # AUTHORIZATION
+        "USER": cmd_user,  # RFC 1939 §7
+        "PASS": cmd_pass,  # RFC 1939 §7
+        "AUTH": cmd_auth,  # RFC 5034 §4 (without a mechanism: the list, as RFC 1734)
+        "STLS": cmd_stls,  # RFC 2595 §4
+        # TRANSACTION
+        "STAT": cmd_stat,  # RFC 1939 §5
+        "LIST": cmd_list,  # RFC 1939 §5
+        "RETR": cmd_retr,  # RFC 1939 §5
+        "DELE": cmd_dele,  # RFC 1939 §5
+        "NOOP": cmd_noop,  # RFC 1939 §5
+        "RSET": cmd_rset,  # RFC 1939 §5
+        "TOP": cmd_top,  # RFC 1939 §7
+        "UIDL": cmd_uidl,  # RFC 1939 §7
+        # both
+        "CAPA": cmd_capa,  # RFC 2449 §5
+        "QUIT": cmd_quit,  # RFC 1939 §4 (AUTHORIZATION), §6 (UPDATE)
+    }
 
 
 async def _open_upstream(account: Any, limits: Any) -> Any:

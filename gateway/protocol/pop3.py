@@ -17,9 +17,10 @@ Session states (RFC 1939 §3) and the commands each one accepts::
     TRANSACTION     CAPA STAT LIST UIDL RETR TOP DELE RSET NOOP QUIT    UPDATE (QUIT)
     UPDATE          nothing: the server applies deletions and closes    --
 
-A QUIT in AUTHORIZATION closes the connection without entering UPDATE; any other end
-of a session (dropped connection, timeout) never enters UPDATE either, so nothing is
-deleted. :class:`SessionState` tracks the state and answers which commands are legal;
+A QUIT in AUTHORIZATION closes the connection without entering UPDATE (RFC 1939 §4: the
+state stays AUTHORIZATION, the session is only ``finished``); any other end of a session
+(dropped connection, timeout) never enters UPDATE either, so nothing is deleted.
+:class:`SessionState` tracks the state and answers which commands are legal;
 :func:`parse_command` checks a command line against it and raises
 :class:`CommandRejected` (answered ``-ERR reason``, counted as a bad command) for an
 unknown command, a command in the wrong state or bad arguments.
@@ -125,15 +126,17 @@ class SessionState:
     """Which RFC 1939 state the session is in and what USER said.
 
     The driver calls :meth:`user_accepted` after a USER it accepts, :meth:`logged_in`
-    after a successful login and :meth:`quit` on QUIT.
+    after a successful login and :meth:`quit` on QUIT. ``finished`` becomes true at QUIT
+    in any state: the session is over and accepts no further command.
     """
 
     def __init__(self) -> None:
         self.state = State.AUTHORIZATION
         self.pending_user: str | None = None
+        self.finished = False
 
     def allows(self, name: str) -> bool:
-        if name not in ALLOWED[self.state]:
+        if self.finished or name not in ALLOWED[self.state]:
             return False
         return name != "PASS" or self.pending_user is not None
 
@@ -150,12 +153,20 @@ class SessionState:
         self.state = State.TRANSACTION
 
     def quit(self) -> bool:
-        """Record QUIT; True when it enters UPDATE (only from TRANSACTION)."""
-        entered_update = self.state is State.TRANSACTION
+        """Record QUIT; True when it enters UPDATE (only from TRANSACTION, RFC 1939 §6).
+
+        A QUIT in AUTHORIZATION (RFC 1939 §4) leaves the state as it is: nothing is updated.
+        """
+        self.finished = True
+        self.pending_user = None
+        if self.state is not State.TRANSACTION:
+            return False
         self.state = State.UPDATE
-        return entered_update
+        return True
 
     def _require(self, state: State) -> None:
+        if self.finished:
+            raise RuntimeError("not allowed after QUIT")
         if self.state is not state:
             raise RuntimeError(f"not allowed in state {self.state.value}")
 
@@ -182,6 +193,8 @@ def parse_command(line: bytes, session: SessionState) -> Command:
     if name not in KNOWN_COMMANDS:
         raise CommandRejected(f"Unknown command: {name}")
     if not session.allows(name):
+        if session.finished:
+            raise CommandRejected("The session has ended")
         if name == "PASS" and session.state is State.AUTHORIZATION:
             raise CommandRejected("No username given (send USER first)")
         raise CommandRejected(f"{name} is not allowed in the {session.state.value} state")

@@ -839,6 +839,9 @@ class BodyStream:
         it has none or it is ``NIL`` (how Dovecot answers for a message expunged meanwhile)."""
         if event.keyword != b"FETCH" or event.streamed:
             return None
+        for line, literal in zip(event.lines, event.literals):
+            if literal is not None and _BODY_LITERAL.search(line):
+                return literal  # read directly: imapclient does not know literal8 (BINARY ~{n})
         try:
             parsed = parse_fetch_response(event.imaplib_data(), uid_is_key=False)
         except (ParserError, ValueError) as exc:

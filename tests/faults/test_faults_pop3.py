@@ -28,7 +28,7 @@ async def test_upstream_dropped_mid_retr(rig: Rig) -> None:
     uids = [await rig.append(SMALL), await rig.append(BIG)]
     w = await rig.pop.login()
     assert (await w.command("DELE 1")).startswith(b"+OK")
-    rule = rig.imap_proxy.arm("down", "drop", rb"BODY\[\] \{\d+\}\r\n", after=100_000)
+    rule = rig.imap_proxy.arm("down", "drop", rb"(?:BODY|BINARY)\[\] ~?\{\d+\}\r\n", after=100_000)
     assert await w.command("RETR 2") == f"+OK {len(BIG)} octets\r\n".encode()
     got = await received_until_close(w)
     assert rule.fired.is_set()
@@ -99,7 +99,7 @@ async def test_upstream_stalls_mid_retr(rig: Rig) -> None:
     connection ends (the answer is incomplete), the upstream connection is closed."""
     uids = [await rig.append(BIG)]
     w = await rig.pop.login()
-    rule = rig.imap_proxy.arm("down", "stall", rb"BODY\[\] \{\d+\}\r\n", after=300_000)
+    rule = rig.imap_proxy.arm("down", "stall", rb"(?:BODY|BINARY)\[\] ~?\{\d+\}\r\n", after=300_000)
     assert (await w.command("RETR 1")).startswith(b"+OK")
     with trio.fail_after(10):  # upstream_command_timeout is 2 s in the rig
         got = await received_until_close(w)
