@@ -332,27 +332,3 @@ def test_sasl_decoders_only_raise_their_own_errors(raw: bytes) -> None:
                 decode(candidate)
             except sasl.SASLError:
                 pass
-        try:
-            pop3.decode_plain(pop3.decode_base64(candidate))
-        except pop3.SaslError:
-            pass
-
-
-@FUZZ
-@given(st.lists(st.text(max_size=20) | st.binary(max_size=20).map(
-    lambda b: b.decode("latin-1")), min_size=1, max_size=4))
-def test_the_two_plain_decoders_agree(fields: list[str]) -> None:
-    message = "\x00".join(fields).encode("utf-8")
-    b64 = base64.b64encode(message)
-    try:
-        imap_view = sasl.decode_plain(b64)
-    except sasl.SASLError:
-        imap_view = None
-    try:
-        pop_view = pop3.decode_plain(pop3.decode_base64(b64))
-    except pop3.SaslError:
-        pop_view = None
-    if imap_view is not None and pop_view is not None:
-        assert (imap_view.authzid, imap_view.authcid, imap_view.password) == pop_view
-    if imap_view is not None:  # whatever IMAP accepts, POP3 accepts too
-        assert pop_view is not None

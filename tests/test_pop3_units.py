@@ -208,10 +208,3 @@ def test_uidls_are_valid(uidvalidity: int, uid: int, msgid: int) -> None:
     assert valid_uidl(default_uidl(uidvalidity, uid))
     assert valid_uidl(gmail_uidl(msgid))
 
-
-@given(st.binary(max_size=200))
-def test_sasl_decoding_only_raises_its_own_error(data: bytes) -> None:
-    try:
-        pop3.decode_plain(pop3.decode_base64(data))
-    except pop3.SaslError:
-        pass
