@@ -176,8 +176,8 @@ class Response:
         if len(self.lines) == 1:
             plain = _PLAIN_FETCH.match(self.text)
             if plain is not None:
-                words = plain.group(1).split()
-                return {words[i].upper(): int(words[i + 1]) for i in range(0, len(words), 2)}
+                words = iter(plain.group(1).upper().split())
+                return {name: int(number) for name, number in zip(words, words)}
         values = self.values()
         if len(values) != 1 or not isinstance(values[0], tuple) or len(values[0]) % 2:
             raise ValueError("FETCH data is not a list of item/value pairs")
