@@ -18,7 +18,9 @@ top of IMAP:
   (\\Deleted)`` then ``UID EXPUNGE <uids>`` (UIDPLUS, RFC 4315) for exactly the marked
   UIDs, so a message another client flagged \\Deleted is never expunged by mailgate.
   Without UIDPLUS it moves the messages to the \\Trash special-use mailbox when the server
-  has MOVE and one, and otherwise refuses (nothing is deleted, QUIT says so).
+  has MOVE and one, and otherwise refuses (nothing is deleted, QUIT says so); the upstream
+  client itself also refuses an expunge without UIDPLUS (``UnsafeExpunge``), which
+  :meth:`Maildrop.commit` reports the same way.
   ``"trash"`` moves them to \\Trash (how a delete really deletes on Gmail, where expunging
   from INBOX only archives); ``"keep"`` only marks them \\Seen. A session that ends any
   other way (dropped connection, timeout, upstream failure, QUIT before login) never
