@@ -43,6 +43,10 @@ they raise on bad input; the driver answers ``* BYE`` and closes.
 
 Response builders at the end of the module produce mailgate's own pre-login answers (greeting,
 CAPABILITY, tagged status, BYE, continuation, ID).
+
+The tokens (tag, atom, literal marker, quoted string, argument values) and
+:class:`ProtocolError` are :mod:`gateway.protocol.imap_grammar`'s, shared with the response
+reader.
 """
 
 from __future__ import annotations
