@@ -34,6 +34,7 @@ import re
 from types import TracebackType
 
 from ..errors import UpstreamError
+from ..protocol.imap_grammar import literal_at_end
 from ..protocol.imap_responses import LiteralChunk, LiteralEnd, LiteralStart, Response
 from .engine import IMAPConnection, UpstreamBad
 
@@ -41,7 +42,14 @@ log = logging.getLogger("mailgate.upstream")
 
 __all__ = ["BodyStream", "MessageVanished"]
 
-_BODY_LITERAL = re.compile(rb"(?:BODY|BINARY)\[[^\]]*\](?:<[0-9]+>)? ~?\{[0-9]+\}\Z", re.IGNORECASE)
+# The FETCH item a body literal belongs to, just before the literal's marker.
+_BODY_ITEM = re.compile(rb"(?:BODY|BINARY)\[[^\]]*\](?:<[0-9]+>)? \Z", re.IGNORECASE)
+
+
+def _is_body_literal(line: bytes) -> bool:
+    """Does ``line`` (a FETCH line announcing a literal) announce a body section's literal?"""
+    marker = literal_at_end(line, nonsync=False)
+    return marker is not None and _BODY_ITEM.search(line, 0, marker.start) is not None
 
 
 class MessageVanished(UpstreamError):
@@ -115,7 +123,7 @@ class BodyStream:
         while True:
             event = await conn.next_event()
             if isinstance(event, LiteralStart):
-                if event.keyword == b"FETCH" and _BODY_LITERAL.search(event.line):
+                if event.keyword == b"FETCH" and _is_body_literal(event.line):
                     self.size, self._in_literal = event.size, True
                     return
                 await self._skip_streamed_literal()
