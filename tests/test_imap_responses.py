@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from imapclient.response_parser import parse_fetch_response, parse_response
 
+from gateway.protocol.imap_grammar import Atom
 from gateway.protocol.imap_responses import (
     LiteralChunk,
     LiteralEnd,
@@ -92,24 +92,35 @@ def test_malformed_first_line(line: bytes) -> None:
 FETCH = b"* 12 FETCH (UID 7 FLAGS (\\Seen) BODY[] {12}\r\nhello\r\nbye\r\n MODSEQ (5))\r\nA2 OK done\r\n"
 
 
-def test_small_literal_attached_in_imaplib_shape() -> None:
+def test_small_literal_attached_and_parsed() -> None:
     fetch, done = feed_all(FETCH)
     assert fetch.lines == (b"* 12 FETCH (UID 7 FLAGS (\\Seen) BODY[] {12}", b" MODSEQ (5))")
     assert fetch.literals == (b"hello\r\nbye\r\n", None)
-    assert fetch.imaplib_data() == [(b"12 (UID 7 FLAGS (\\Seen) BODY[] {12}", b"hello\r\nbye\r\n"), b" MODSEQ (5))"]
-    parsed = parse_fetch_response(fetch.imaplib_data(), uid_is_key=True)
-    assert parsed[7][b"BODY[]"] == b"hello\r\nbye\r\n"
-    assert parsed[7][b"MODSEQ"] == (5,)
+    assert fetch.fetch() == {b"UID": 7, b"FLAGS": (Atom(b"\\Seen"),), b"BODY[]": b"hello\r\nbye\r\n",
+                             b"MODSEQ": (5,)}
     assert done.raw == b"A2 OK done\r\n"
     assert fetch.raw + done.raw == FETCH
 
 
-def test_imaplib_data_for_keyword_responses() -> None:
+def test_values_of_keyword_responses() -> None:
     caps, lst, exists = feed_all(b'* CAPABILITY IMAP4rev1 IDLE\r\n* LIST (\\HasNoChildren \\Trash) "/" {5}\r\nTrash\r\n* 3 EXISTS\r\n')
-    assert caps.imaplib_data() == [b"IMAP4rev1 IDLE"]
-    assert lst.imaplib_data() == [(b'(\\HasNoChildren \\Trash) "/" {5}', b"Trash"), b""]
-    assert parse_response(lst.imaplib_data()) == ((b"\\HasNoChildren", b"\\Trash"), b"/", b"Trash")
-    assert exists.imaplib_data() == [b"3"]
+    assert caps.values() == (b"IMAP4rev1", b"IDLE")
+    assert lst.values() == ((b"\\HasNoChildren", b"\\Trash"), b"/", b"Trash")
+    assert isinstance(lst.values()[0][0], Atom) and not isinstance(lst.values()[2], Atom)  # type: ignore[index]
+    assert exists.values() == ()
+
+
+def test_fetch_items_sections_nil_and_the_plain_fast_path() -> None:
+    plain, odd, nil = feed_all(b"* 1 FETCH (UID 4 RFC822.SIZE 99 X-GM-MSGID 123)\r\n"
+                               b'* 2 FETCH (uid 5 BODY[HEADER.FIELDS (FROM TO)]<0> "a \\"b\\"" ENVELOPE NIL)\r\n'
+                               b"* 3 FETCH (UID 6 BODY[] NIL)\r\n")
+    assert plain.fetch() == {b"UID": 4, b"RFC822.SIZE": 99, b"X-GM-MSGID": 123}
+    assert odd.fetch() == {b"UID": 5, b"BODY[HEADER.FIELDS (FROM TO)]<0>": b'a "b"', b"ENVELOPE": None}
+    assert nil.fetch() == {b"UID": 6, b"BODY[]": None}
+    [exists] = feed_all(b"* 3 EXISTS\r\n")
+    for bad in (exists, *feed_all(b"* 1 FETCH (UID)\r\n* 1 FETCH UID 3\r\n* 1 FETCH (UID (3)\r\n")):
+        with pytest.raises(ValueError):
+            bad.fetch()
 
 
 def test_big_literal_is_streamed_in_arrival_slices() -> None:
@@ -128,7 +139,7 @@ def test_big_literal_is_streamed_in_arrival_slices() -> None:
     tail = events[end_i + 1]
     assert isinstance(tail, Response) and tail.streamed and tail.raw == b")\r\n"
     assert tail.literals == (b"", None)
-    assert parse_fetch_response(tail.imaplib_data(), uid_is_key=False)[1][b"UID"] == 9
+    assert tail.fetch() == {b"UID": 9, b"BODY[]": b""}
     assert b"".join(e.raw for e in events) == wire
     assert framer.at_boundary
 

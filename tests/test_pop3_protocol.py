@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol import pop3
+from gateway.protocol import pop3, sasl
 from gateway.protocol.pop3 import (
     Code,
     CommandRejected,
@@ -148,15 +148,16 @@ def test_user_argument_rejects_control_characters():
 
 
 def test_plain_decoding():
+    # POP3's AUTH PLAIN uses the one PLAIN decoder (gateway.protocol.sasl).
     blob = base64.b64encode(b"\0alice\0s3cret pass")
-    assert pop3.decode_plain(pop3.decode_base64(blob)) == ("", "alice", "s3cret pass")
-    assert pop3.decode_base64(b"=") == b""
-    with pytest.raises(pop3.SaslError):
-        pop3.decode_base64(b"not base64!")
-    with pytest.raises(pop3.SaslError):
-        pop3.decode_plain(b"alice\0secret")
-    with pytest.raises(pop3.SaslError):
-        pop3.decode_plain(b"\0\0secret")
+    assert sasl.decode_plain(blob) == sasl.PlainCredentials("", "alice", "s3cret pass")
+    assert sasl.b64decode(b"=") == b""
+    with pytest.raises(sasl.SASLError):
+        sasl.b64decode(b"not base64!")
+    with pytest.raises(sasl.SASLError):
+        sasl.decode_plain(base64.b64encode(b"alice\0secret"))
+    with pytest.raises(sasl.SASLError):
+        sasl.decode_plain(base64.b64encode(b"\0\0secret"))
 
 
 # -- line framing --------------------------------------------------------------------

@@ -141,6 +141,20 @@ def test_plain_round_trip(authzid: str, authcid: str, password: str) -> None:
     assert sasl.decode_plain(wire) == sasl.PlainCredentials(authzid, authcid, password)
 
 
+@given(st.lists(st.text(max_size=20) | st.binary(max_size=20).map(lambda b: b.decode("latin-1")),
+                min_size=1, max_size=4))
+def test_plain_accepts_exactly_the_rfc4616_shape(fields: list[str]) -> None:
+    """authzid NUL authcid NUL passwd, authcid and passwd non-empty (RFC 4616 ``1*SAFE``)."""
+    message = "\x00".join(fields)
+    wire = base64.b64encode(message.encode("utf-8"))
+    parts = message.split("\x00")
+    if len(parts) == 3 and parts[1] and parts[2]:
+        assert sasl.decode_plain(wire) == sasl.PlainCredentials(*parts)
+    else:
+        with pytest.raises(SASLError):
+            sasl.decode_plain(wire)
+
+
 @given(value=_field.filter(bool))
 def test_login_round_trip(value: str) -> None:
     assert sasl.decode_login_step(sasl.b64encode(value.encode())) == value

@@ -13,7 +13,7 @@ import trustme
 
 from gateway.config import Limits, ProviderConfig, UserConfig
 from gateway.errors import ReauthorizationRequired, UpstreamError
-from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UpstreamIMAP, UpstreamNo
+from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UnsafeExpunge, UpstreamIMAP, UpstreamNo
 from gateway.upstream.login import open_upstream
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import CORPUS, big_message_chunks, big_message_sha256, crlf_normalise
@@ -254,6 +254,27 @@ async def test_store_expunge_move_and_special_use(lab: LabDovecot, oauth_server:
         assert len(seed.list_uids(lab, lab_user, "Trash")) == 1
     finally:
         await client.logout()
+
+
+async def test_without_uidplus_the_client_refuses_to_expunge(lab: LabDovecot, oauth_server: LabOAuthServer,
+                                                              lab_user: str) -> None:
+    """A plain EXPUNGE would also remove what other clients marked \\Deleted: refused, before
+    anything is sent (a server without UIDPLUS, as the client sees it)."""
+    uids = [seed.append(lab, lab_user, CORPUS[n]) for n in ("simple", "dot_lines")]
+    client = await login(lab, oauth_server, lab_user)
+    try:
+        await client.select("INBOX")
+        await client.uid_store(uids, b"+FLAGS.SILENT (\\Deleted)")  # as another client might have
+        client.capabilities = client.capabilities - {"UIDPLUS", "MOVE"}
+        with pytest.raises(UnsafeExpunge, match="lacks UIDPLUS.*nothing was changed"):
+            await client.uid_expunge([uids[0]])
+        with pytest.raises(UnsafeExpunge):
+            await client.uid_move([uids[1]], "Trash")  # its fallback would end in EXPUNGE
+        assert (await client.command(b"NOOP")).ok  # still usable
+    finally:
+        await client.logout()
+    assert seed.list_uids(lab, lab_user) == uids  # nothing expunged
+    assert seed.list_uids(lab, lab_user, "Trash") == []  # nothing copied
 
 
 # ---------------------------------------------------------------- failures mid-stream

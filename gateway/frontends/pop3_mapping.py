@@ -18,7 +18,9 @@ top of IMAP:
   (\\Deleted)`` then ``UID EXPUNGE <uids>`` (UIDPLUS, RFC 4315) for exactly the marked
   UIDs, so a message another client flagged \\Deleted is never expunged by mailgate.
   Without UIDPLUS it moves the messages to the \\Trash special-use mailbox when the server
-  has MOVE and one, and otherwise refuses (nothing is deleted, QUIT says so).
+  has MOVE and one, and otherwise refuses (nothing is deleted, QUIT says so); the upstream
+  client itself also refuses an expunge without UIDPLUS (``UnsafeExpunge``), which
+  :meth:`Maildrop.commit` reports the same way.
   ``"trash"`` moves them to \\Trash (how a delete really deletes on Gmail, where expunging
   from INBOX only archives); ``"keep"`` only marks them \\Seen. A session that ends any
   other way (dropped connection, timeout, upstream failure, QUIT before login) never
@@ -69,7 +71,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ import trio
 
 from ..errors import MailgateError
 from ..protocol import pop3
-from ..upstream.client import CommandFailed, MessageVanished
+from ..upstream.client import CommandFailed, MessageVanished, UnsafeExpunge
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -482,6 +483,12 @@ class Maildrop:
         Raises :class:`CommitRefused` when the upstream cannot delete safely (nothing is
         deleted then) and :class:`~gateway.errors.UpstreamError` when it fails.
         """
+        try:
+            return await self._commit()
+        except UnsafeExpunge as exc:  # the client refused before changing anything
+            raise CommitRefused(str(exc)) from None
+
+    async def _commit(self) -> str:
         await self.flush_seen()
         uids = [m.uid for m in self.marked]
         if not uids:
@@ -523,44 +530,23 @@ class Maildrop:
         await self._upstream.uid_move(uids, mailbox)
 
 
-#: One FETCH answer of the snapshot in its plain form: only numbers, no literal or string.
-_SNAPSHOT_LINE = re.compile(
-    rb"\* (\d+) FETCH \(((?:(?:UID|RFC822\.SIZE|X-GM-MSGID) \d+ ?)+)\)", re.IGNORECASE
-)
-_SNAPSHOT_ITEM = re.compile(rb"(UID|RFC822\.SIZE|X-GM-MSGID) (\d+)", re.IGNORECASE)
-
 Snapshot = list[tuple[int, int, int | None]]  # (uid, RFC822.SIZE, X-GM-MSGID) in mailbox order
 
 
 async def _snapshot(upstream: Any, *, gmail: bool) -> Snapshot:
     """UID, RFC822.SIZE (and on Gmail X-GM-MSGID) of every message, in one UID FETCH.
 
-    The answers are plain number lists, read here with a regular expression: a general
-    IMAP parser costs seconds on a 10,000-message mailbox. Anything else in an answer (a
-    server adding FLAGS, say) falls back to the upstream client's full parser.
+    The answers are read by the upstream client's response reader, whose FETCH parse takes
+    plain number lists on a fast path (a 10,000-message mailbox is one command and no general
+    parse); a message whose answer lacks UID or RFC822.SIZE is left out.
     """
-    items = b"UID RFC822.SIZE X-GM-MSGID" if gmail else b"UID RFC822.SIZE"
-    response = (await upstream.command(b"UID FETCH 1:* (" + items + b")")).check()
-    fetched: dict[int, tuple[int, int, int | None]] = {}
-    for r in response.data(b"FETCH"):
-        match = _SNAPSHOT_LINE.fullmatch(r.lines[0]) if len(r.lines) == 1 else None
-        if match is None:
-            return await _snapshot_slowly(upstream, gmail=gmail)
-        values = {k.upper(): int(v) for k, v in _SNAPSHOT_ITEM.findall(match.group(2))}
-        if b"UID" not in values or b"RFC822.SIZE" not in values:
-            return await _snapshot_slowly(upstream, gmail=gmail)
-        entry = (values[b"UID"], values[b"RFC822.SIZE"], values.get(b"X-GM-MSGID"))
-        fetched[int(match.group(1))] = entry
-    return [fetched[seq] for seq in sorted(fetched)]
-
-
-async def _snapshot_slowly(upstream: Any, *, gmail: bool) -> Snapshot:
-    sizes: list[tuple[int, int]] = await upstream.fetch_sizes()
-    ids: dict[int, int] = {}
-    if gmail and sizes:
-        attrs = await upstream.fetch_attrs([uid for uid, _ in sizes], b"X-GM-MSGID")
-        ids = {uid: int(v[b"X-GM-MSGID"]) for uid, v in attrs.items() if b"X-GM-MSGID" in v}
-    return [(uid, size, ids.get(uid)) for uid, size in sizes]
+    items = (b"UID", b"RFC822.SIZE", b"X-GM-MSGID") if gmail else (b"UID", b"RFC822.SIZE")
+    snapshot: Snapshot = []
+    for fetched in await upstream.fetch_all(items):
+        uid, size, msgid = fetched.get(b"UID"), fetched.get(b"RFC822.SIZE"), fetched.get(b"X-GM-MSGID")
+        if isinstance(uid, int) and isinstance(size, int):
+            snapshot.append((uid, size, msgid if isinstance(msgid, int) else None))
+    return snapshot
 
 
 class _Answer:

@@ -58,7 +58,7 @@ from ..errors import (
     TemporaryFailure,
     UpstreamError,
 )
-from ..protocol import pop3
+from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
 from ..upstream.client import CommandFailed
 from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
@@ -326,14 +326,14 @@ class Pop3Session:
                 await self.bad(pop3.err("Authentication cancelled."))
                 return
         try:
-            authzid, user, password = pop3.decode_plain(pop3.decode_base64(response.strip()))
-        except pop3.SaslError as exc:
+            creds = sasl.decode_plain(response)
+        except sasl.SASLError as exc:
             await self.bad(pop3.err(f"{exc}.", Code.AUTH))
             return
-        if authzid and authzid != user:
+        if creds.authzid and creds.authzid != creds.authcid:
             await self.bad(AUTH_FAILED)  # no proxy authorization
             return
-        await self.log_in(user, password)
+        await self.log_in(creds.authcid, creds.password)
 
     async def _refuse_plaintext(self) -> None:
         self._publish_failure("-", "plaintext_refused")

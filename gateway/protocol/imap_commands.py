@@ -43,15 +43,30 @@ they raise on bad input; the driver answers ``* BYE`` and closes.
 
 Response builders at the end of the module produce mailgate's own pre-login answers (greeting,
 CAPABILITY, tagged status, BYE, continuation, ID).
+
+The tokens (tag, atom, literal marker, quoted string, argument values) and
+:class:`ProtocolError` are :mod:`gateway.protocol.imap_grammar`'s, shared with the response
+reader.
 """
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias, Union
+
+from .imap_grammar import (
+    LENIENT_ATOM,
+    Atom,
+    LiteralMarker,
+    ProtocolError,
+    Value,
+    ValueParser,
+    is_tag,
+    literal_at_end,
+)
+from .imap_grammar import quote as quote_string
 
 __all__ = [
     "LITERAL_MINUS_MAX",
@@ -89,18 +104,6 @@ LITERAL_MINUS_MAX: Final = 4096
 MAX_LITERAL_NUMBER: Final = 0xFFFFFFFF
 
 _LF = 0x0A
-# A literal announcement at the very end of a line (CR/LF already removed): [~]{n} or [~]{n+}.
-_LITERAL_AT_END = re.compile(rb"(~?)\{([0-9]{1,20})(\+?)\}\Z")
-# Tag: 1*<any ASTRING-CHAR except "+"> (no SP, CTL, ( ) { % * " \ +); "]" is an ASTRING-CHAR.
-_TAG = re.compile(rb"[^\x00-\x20\x7f-\xff(){%*\"\\+]+\Z")
-# Atoms are read leniently: anything up to a delimiter; "]" "%" "*" "\" and 8-bit are accepted.
-_ATOM_CHARS = re.compile(rb"[^\x00-\x20\x7f(){\"]+")
-_QUOTED_BODY = re.compile(rb'(?:[^"\\]|\\["\\])*')
-_QUOTED_ESCAPE = re.compile(rb'\\(["\\])')
-
-
-class ProtocolError(ValueError):
-    """The client's byte stream cannot be framed or breaks a limit; the session must end."""
 
 
 # --------------------------------------------------------------------------- events
@@ -117,16 +120,8 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 
-class Atom(bytes):
-    """An unquoted argument (``INBOX``, ``NIL``, ``\\Seen``). Strings are plain ``bytes``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return f"Atom({bytes(self)!r})"
-
-
-Arg: TypeAlias = Union[bytes, tuple["Arg", ...]]  # Atom | bytes (string) | tuple (list)
+#: A command argument: Atom | bytes (string) | tuple (list); commands never give int or None.
+Arg: TypeAlias = Value
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,25 +213,9 @@ def _split_line(line: bytes) -> bytes:
     return line[:end]
 
 
-@dataclass(frozen=True, slots=True)
-class _Literal:
-    start: int  # index of "{" (or "~") in the line
-    size: int
-    sync: bool
-    binary: bool
-
-
-def _literal_at_end(text: bytes) -> _Literal | None:
+def _literal_at_end(text: bytes) -> LiteralMarker | None:
     """The literal announced at the end of ``text`` (a line without CRLF), if any."""
-    if not text.endswith(b"}"):
-        return None
-    m = _LITERAL_AT_END.search(text)
-    if m is None:
-        return None
-    size = int(m.group(2))
-    if size > MAX_LITERAL_NUMBER:
-        raise ProtocolError("literal size is out of range")
-    return _Literal(start=m.start(), size=size, sync=not m.group(3), binary=bool(m.group(1)))
+    return literal_at_end(text, max_size=MAX_LITERAL_NUMBER)
 
 
 def rewrite_nonsync_literal(
@@ -259,83 +238,17 @@ def rewrite_nonsync_literal(
 
 def astring(arg: Arg) -> bytes | None:
     """An astring argument (atom, quoted or literal) as bytes; ``None`` for a list."""
-    return None if isinstance(arg, tuple) else bytes(arg)
+    return bytes(arg) if isinstance(arg, bytes) else None
 
 
 def is_nil(arg: Arg) -> bool:
     return isinstance(arg, Atom) and arg.upper() == b"NIL"
 
 
-class _ArgumentParser:
-    """Parses command arguments spread over line segments with literals between them."""
-
-    def __init__(self, segments: list[bytes], literals: list[bytes], pos: int = 0):
-        self._segments = segments
-        self._literals = literals
-        self._i = 0
-        self._pos = pos
-
-    def parse(self) -> tuple[Arg, ...]:
-        return tuple(self._items(closing=False))
-
-    def _items(self, *, closing: bool) -> list[Arg]:
-        items: list[Arg] = []
-        need_separator = False
-        while True:
-            seg = self._segments[self._i]
-            if self._pos < len(seg) and seg[self._pos] == 0x20:
-                while self._pos < len(seg) and seg[self._pos] == 0x20:
-                    self._pos += 1
-                need_separator = False
-                continue
-            if self._pos == len(seg):
-                if self._i < len(self._literals):  # a literal stands here
-                    items.append(self._literals[self._i])
-                    self._i += 1
-                    self._pos = 0
-                    need_separator = True
-                    continue
-                if closing:
-                    raise ValueError("unterminated list")
-                return items
-            c = seg[self._pos]
-            if c == 0x29:  # ")"
-                if not closing:
-                    raise ValueError("unexpected ')'")
-                self._pos += 1
-                return items
-            if need_separator:
-                raise ValueError("missing space between arguments")
-            if c == 0x28:  # "("
-                self._pos += 1
-                items.append(tuple(self._items(closing=True)))
-            elif c == 0x22:  # '"'
-                items.append(self._quoted(seg))
-            else:
-                m = _ATOM_CHARS.match(seg, self._pos)
-                if m is None:
-                    raise ValueError("invalid character in command")
-                items.append(Atom(m.group()))
-                self._pos = m.end()
-            need_separator = True
-
-    def _quoted(self, seg: bytes) -> bytes:
-        m = _QUOTED_BODY.match(seg, self._pos + 1)
-        assert m is not None  # the pattern matches the empty string
-        end = m.end()
-        if end >= len(seg) or seg[end] != 0x22:
-            raise ValueError("unterminated or badly escaped quoted string")
-        self._pos = end + 1
-        body = m.group()
-        if 0 in body:
-            raise ValueError("NUL in quoted string")
-        return _QUOTED_ESCAPE.sub(rb"\1", body) if b"\\" in body else body
-
-
 def parse_arguments(text: bytes) -> tuple[Arg, ...] | None:
     """Parse one line of arguments (no literals); ``None`` if it is malformed."""
     try:
-        return _ArgumentParser([text], []).parse()
+        return ValueParser([text], []).parse()
     except ValueError:
         return None
 
@@ -465,7 +378,7 @@ class CommandReader:
     def _on_line(self, text: bytes) -> ReaderEvent | None:
         first = not self._segments and self._discarding is None
         tag = _head(text)[0] if first else self._first_tag()
-        valid_tag = _TAG.match(tag) is not None
+        valid_tag = is_tag(tag)
         lit = _literal_at_end(text)
         self._held += len(text) + 2
         if lit is None:
@@ -516,10 +429,10 @@ class CommandReader:
             return BadCommand(None, "missing or invalid tag")
         first = segments[0]
         _, name, args_at = _head(first)
-        if not name or _ATOM_CHARS.fullmatch(name) is None:
+        if not name or LENIENT_ATOM.fullmatch(name) is None:
             return BadCommand(tag, "missing or invalid command name")
         try:
-            args = _ArgumentParser(segments, literals, args_at).parse()
+            args = ValueParser(segments, literals, args_at).parse()
         except ValueError as exc:
             return BadCommand(tag, str(exc))
         return Command(tag=tag, name=name.upper(), args=args)
@@ -750,8 +663,7 @@ def continuation(text: str | bytes = b"") -> bytes:
 
 def quote(value: str | bytes) -> bytes:
     """An IMAP quoted string (for short, single-line values such as ID fields)."""
-    raw = _text(value) if value else b""
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return quote_string(_text(value) if value else b"")
 
 
 def id_response(fields: Mapping[str, str]) -> bytes:

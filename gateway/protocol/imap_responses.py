@@ -1,56 +1,90 @@
-"""Incremental framer for IMAP server responses (server → client direction), sans-IO.
+"""The one reader of IMAP server responses (server → client direction), sans-IO.
 
 Theory of operation
 -------------------
 An IMAP server response is a line ending in CRLF, unless the line ends with a literal marker
 ``{n}`` (or ``~{n}`` for literal8): then exactly *n* octets follow and the response continues
-with another line. :class:`ResponseFramer` is fed raw bytes as they arrive (``feed``) and
-returns the events completed so far:
+with another line. Status responses (``OK``/``NO``/``BAD``/``BYE``/``PREAUTH``) and continuation
+requests carry human-readable text, never literals, so a trailing ``{5}`` there is taken as text
+(imaplib gets this wrong). Tags, atoms and literal markers follow
+:mod:`gateway.protocol.imap_grammar`, and so does :class:`ProtocolError`, the only exception
+this module raises on bad input.
+
+The reader has two modes, for its two users; both are fed raw bytes as they arrive and give
+the same answers however the input was split:
+
+**Framed** (:class:`ResponseFramer`, the upstream client): ``feed`` returns the events
+completed so far:
 
 :class:`Response`
     A whole response. Literals up to ``literal_stream_threshold`` octets are kept and attached
-    to their line, in the shape imaplib produces and imapclient's ``response_parser`` expects
-    (see :meth:`Response.imaplib_data`). The first line is pre-parsed: ``kind`` (tagged,
-    untagged, continuation), ``tag``, ``number`` (``* 5 FETCH``), ``keyword`` (``FETCH``, ``OK``
-    …), ``status`` (OK/NO/BAD/BYE/PREAUTH), the response ``code`` (inside ``[...]``) and
-    ``text``.
+    to their line. The first line is pre-parsed: ``kind`` (tagged, untagged, continuation),
+    ``tag``, ``number`` (``* 5 FETCH``), ``keyword`` (``FETCH``, ``OK`` …), ``status``
+    (OK/NO/BAD/BYE/PREAUTH), the response ``code`` (inside ``[...]``) and ``text``. Its data
+    items are read on demand: :meth:`Response.values` (atoms, numbers, strings, ``NIL``,
+    lists, literals) and :meth:`Response.fetch` (a FETCH response's ``{item: value}``, with a
+    fast path for the plain number lists of a mailbox snapshot).
 :class:`LiteralStart`, :class:`LiteralChunk` …, :class:`LiteralEnd`
     A literal larger than the threshold is never held in memory: its octets are handed out
     as they arrive, each chunk a slice of what was fed. The :class:`Response` that closes such
     a response has ``streamed = True`` and an empty literal in place of each streamed one.
 
 Every event carries ``raw``: the exact wire bytes it accounts for, so that joining the ``raw``
-of all events reproduces the input byte for byte (a relay can forward ``raw`` unchanged). The
-events are independent of how the input was split into ``feed`` calls.
+of all events reproduces the input byte for byte. Lines are limited to ``max_line`` octets and
+a buffered response to ``max_response`` octets; a violation or an unparsable first line raises
+:class:`ProtocolError`. After an error the framer is unusable.
 
-Status responses (``OK``/``NO``/``BAD``/``BYE``/``PREAUTH``) and continuation requests carry
-human-readable text, never literals, so a trailing ``{5}`` there is taken as text (imaplib gets
-this wrong). Lines are limited to ``max_line`` octets and a buffered response to
-``max_response`` octets; a violation or an unparsable first line raises :class:`ProtocolError`,
-the only exception this module raises on bad input. After an error the framer is unusable.
+**Relay** (:class:`ResponseScanner`, the post-login relay): ``feed`` returns *items*, in order:
+``memoryview``/``bytes`` to pass through unchanged (slices of the chunk: ordinary lines and
+literal octets cost no copy and no per-byte Python work), and the events :class:`Continuation`,
+:class:`Tagged` and :class:`Bye`, each carrying the bytes of its line to relay. Lines of untagged
+data (``* 5 FETCH …``) take a fast path: one ``find`` for the line end and a look at its last
+bytes for a literal. A partial line is held until its end arrives; a line longer than
+``max_line`` is passed on in pieces (only status and capability lines must be whole; those are
+short, so an overlong one is a :class:`ProtocolError`). A literal is never held: it streams.
+Capability lists (``* CAPABILITY …``, ``[CAPABILITY …]`` codes) go through the scanner's
+``rewrite_capability_line`` hook (the relay's policy lives in
+:mod:`gateway.protocol.imap_passthrough`).
 
-:func:`rewrite_capabilities` edits a ``CAPABILITY`` list (``* CAPABILITY …`` or a
-``[CAPABILITY …]`` response code) in one response line; :func:`capabilities_of` reads one.
+:func:`rewrite_capabilities` edits a ``CAPABILITY`` list in one response line;
+:func:`capabilities_of` reads one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import Final, Literal, TypeAlias, Union
+
+from .imap_grammar import (
+    STATUS_WORDS,
+    ProtocolError,
+    Value,
+    ValueParser,
+    is_atom,
+    is_number,
+    is_tag,
+    literal_at_end,
+)
 
 __all__ = [
     "DEFAULT_LITERAL_STREAM_THRESHOLD",
     "DEFAULT_MAX_LINE",
     "DEFAULT_MAX_RESPONSE",
+    "Bye",
+    "Continuation",
     "Event",
+    "FetchItems",
+    "Item",
     "LiteralChunk",
     "LiteralEnd",
     "LiteralStart",
     "ProtocolError",
     "Response",
     "ResponseFramer",
+    "ResponseScanner",
+    "Tagged",
     "capabilities_of",
     "rewrite_capabilities",
 ]
@@ -61,23 +95,24 @@ DEFAULT_LITERAL_STREAM_THRESHOLD = 64 * 1024
 DEFAULT_MAX_LINE = 64 * 1024
 #: Most octets one response may buffer (its lines plus its attached, non-streamed literals).
 DEFAULT_MAX_RESPONSE = 16 * 1024 * 1024
-#: Largest literal size accepted at all (streamed literals cost no memory; this is a sanity cap).
-MAX_LITERAL_SIZE = 1 << 40
-
-STATUS_KEYWORDS = frozenset({b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"})
+#: Bytes the relay scanner keeps back from a line passed on in pieces: enough to recognise
+#: ``~{<20 digits>}\r\n``.
+_LITERAL_TAIL: Final = 32
 
 Kind = Literal["tagged", "untagged", "continuation"]
 
+#: A FETCH response's items: upper-case item name (``b"UID"``, ``b"BODY[]<0>"``) → value.
+FetchItems: TypeAlias = dict[bytes, Value]
+
 _CRLF = b"\r\n"
-_LITERAL_MARKER = re.compile(rb"~?\{([0-9]{1,20})\}\Z")
-# Tag: 1*<any ASTRING-CHAR except "+">, i.e. no SP, CTL, ( ) { % * " \ ] +
-_TAG = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\\]+]+\Z")
-_ATOM = re.compile(rb"[^\x00-\x20\x7f(){%*\"\\\]]+\Z")
-_NUMBER = re.compile(rb"[0-9]{1,10}\Z")
+# A FETCH answer of only numbers (a mailbox snapshot): read without the general parser.
+_PLAIN_FETCH = re.compile(rb"\(((?:[A-Za-z0-9.\-]+ [0-9]+ ?)*)\)\Z")
 
 
-class ProtocolError(ValueError):
-    """The server's byte stream is not a well-formed IMAP response stream (or breaks a limit)."""
+def _marker(line: bytes) -> int | None:
+    """Where the literal marker at the end of a response line starts, if it has one."""
+    marker = literal_at_end(line, nonsync=False)
+    return None if marker is None else marker.start
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,36 +142,52 @@ class Response:
     @property
     def status(self) -> bytes | None:
         """``OK``/``NO``/``BAD``/``BYE``/``PREAUTH`` for a status response, else ``None``."""
-        return self.keyword if self.keyword in STATUS_KEYWORDS else None
+        return self.keyword if self.keyword in STATUS_WORDS else None
 
     @property
     def ok(self) -> bool:
         return self.keyword == b"OK"
 
-    def imaplib_data(self) -> list[bytes | tuple[bytes, bytes]]:
-        """The response as imaplib would store it, ready for imapclient's parsers.
-
-        ``* 5 FETCH (UID 7 BODY[] {3}`` + ``abc`` + ``)`` becomes
-        ``[(b"5 (UID 7 BODY[] {3}", b"abc"), b")"]``; ``* CAPABILITY A B`` becomes ``[b"A B"]``.
-        A streamed literal appears as an empty one (its marker rewritten to ``{0}``).
-        """
+    def values(self) -> tuple[Value, ...]:
+        """The data items after the keyword (``* 5 FETCH (…)`` → one list; ``* LIST (…) "/" x``
+        → three items), literals in their places (an empty one for a streamed literal).
+        ``ValueError`` if they are malformed."""
         first = self.lines[0]
-        if self.kind == "untagged":
-            if self.number is not None:
-                rest = first[2:].split(b" ", 2)  # number, keyword, data
-                head = rest[0] + (b" " + rest[2] if len(rest) > 2 else b"")
-            else:
-                rest = first[2:].split(b" ", 1)  # keyword, data
-                head = rest[1] if len(rest) > 1 else b""
-        else:
-            head = first
-        out: list[bytes | tuple[bytes, bytes]] = []
-        for i, line in enumerate(self.lines):
-            line = head if i == 0 else line
-            literal = self.literals[i]
-            if i in self.streamed_literals:
-                line = _LITERAL_MARKER.sub(b"{0}", line)
-            out.append(line if literal is None else (line, literal))
+        segments = [first[len(first) - len(self.text) :]]
+        segments += self.lines[1:]
+        literals: list[bytes] = []
+        for i, literal in enumerate(self.literals):
+            if literal is None:
+                continue
+            cut = _marker(segments[i])
+            if cut is None:  # pragma: no cover - the framer attached it after a marker
+                raise ValueError("literal without a marker")
+            segments[i] = segments[i][:cut]
+            literals.append(literal)
+        return ValueParser(segments, literals, response=True).parse()
+
+    def fetch(self) -> FetchItems:
+        """The items of a FETCH response: ``{b"UID": 7, b"FLAGS": (Atom(b"\\Seen"),), …}``.
+
+        Item names are upper case. ``ValueError`` if this is no well-formed FETCH response.
+        """
+        if self.keyword != b"FETCH" or self.number is None:
+            raise ValueError("not a FETCH response")
+        if len(self.lines) == 1:
+            plain = _PLAIN_FETCH.match(self.text)
+            if plain is not None:
+                words = iter(plain.group(1).upper().split())
+                return {name: int(number) for name, number in zip(words, words)}
+        values = self.values()
+        if len(values) != 1 or not isinstance(values[0], tuple) or len(values[0]) % 2:
+            raise ValueError("FETCH data is not a list of item/value pairs")
+        pairs = values[0]
+        out: FetchItems = {}
+        for i in range(0, len(pairs), 2):
+            name = pairs[i]
+            if not isinstance(name, bytes):
+                raise ValueError("FETCH item name is not an atom")
+            out[bytes(name).upper()] = pairs[i + 1]
         return out
 
 
@@ -187,7 +238,7 @@ class _Head:
 
     @property
     def may_have_literals(self) -> bool:
-        return self.kind == "untagged" and self.keyword not in STATUS_KEYWORDS
+        return self.kind == "untagged" and self.keyword not in STATUS_WORDS
 
 
 def _parse_head(line: bytes) -> _Head:
@@ -203,21 +254,21 @@ def _parse_head(line: bytes) -> _Head:
         kind: Kind = "untagged"
         tag = None
         word, _, rest = rest.partition(b" ")
-        if _NUMBER.match(word):
+        if is_number(word):
             number = int(word)
             word, _, rest = rest.partition(b" ")
-    elif _TAG.match(first):
+    elif is_tag(first):
         kind, tag = "tagged", first
         word, _, rest = rest.partition(b" ")
     else:
         raise ProtocolError("response line starts with an invalid tag")
-    if not _ATOM.match(word):
+    if not is_atom(word):
         raise ProtocolError("response line has no valid keyword")
     keyword = word.upper()
     if kind == "tagged" and keyword not in (b"OK", b"NO", b"BAD"):
         raise ProtocolError("tagged response is not OK, NO or BAD")
     code: bytes | None = None
-    if keyword in STATUS_KEYWORDS and rest[:1] == b"[":
+    if keyword in STATUS_WORDS and rest[:1] == b"[":
         end = rest.find(b"]")
         if end >= 0:  # an unclosed "[" is taken as plain text
             code, rest = rest[1:end], rest[end + 1 :].lstrip(b" ")
@@ -381,13 +432,11 @@ class ResponseFramer:
         pending.unemitted.append(raw)
         pending.size += len(raw)
 
-        marker = _LITERAL_MARKER.search(line) if pending.head.may_have_literals else None
+        marker = literal_at_end(line, nonsync=False) if pending.head.may_have_literals else None
         if marker is None:
             events.append(self._complete(pending))
             return True
-        size = int(marker.group(1))
-        if size > MAX_LITERAL_SIZE:
-            raise ProtocolError("literal size is out of range")
+        size = marker.size
         if size <= self._threshold:
             pending.size += size
             if pending.size > self._max_response:
@@ -423,6 +472,176 @@ class ResponseFramer:
             raw=b"".join(pending.unemitted),
             streamed_literals=tuple(pending.streamed),
         )
+
+
+# ---------------------------------------------------------------------- relay mode
+
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY[ \]]", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A ``+`` continuation request; ``data`` is the whole line."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Tagged:
+    """A tagged status response; ``status`` is upper case; ``data`` is the (rewritten) line."""
+
+    tag: bytes
+    status: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """``* BYE``: the upstream is closing the connection; ``data`` is the whole line."""
+
+    data: bytes
+
+
+Item: TypeAlias = Union[memoryview, bytes, Continuation, Tagged, Bye]
+
+
+def _word(line: bytes, start: int) -> bytes:
+    end = line.find(b" ", start)
+    return line[start : end if end >= 0 else len(line)].rstrip(b"\r\n").upper()
+
+
+def _no_rewrite(line: bytes) -> bytes:
+    return line
+
+
+class ResponseScanner:
+    """The reader's relay mode: finds response boundaries without holding literals (see the
+    module docstring). ``rewrite_capability_line`` is applied to every line that announces
+    capabilities; by default they pass unchanged."""
+
+    def __init__(
+        self, *, max_line: int = DEFAULT_MAX_LINE, rewrite_capability_line: Callable[[bytes], bytes] = _no_rewrite
+    ):
+        self.max_line = max_line
+        self._rewrite = rewrite_capability_line
+        self._partial = bytearray()  # start of a line whose end has not arrived
+        self._partial_head_done = False  # ... already classified and partly passed on
+        self._literal_left = 0
+        self._response_start = True  # the next line starts a new response
+
+    @property
+    def at_boundary(self) -> bool:
+        """True between two responses: nothing of a response is pending."""
+        return self._response_start and not self._partial and not self._literal_left
+
+    def feed(self, data: bytes) -> list[Item]:
+        items: list[Item] = []
+        view = memoryview(data)
+        n = len(data)
+        pos = run = 0  # data[run:pos] is ordinary pass-through not yet emitted
+        find = data.find
+        while pos < n:
+            if self._literal_left:
+                take = min(self._literal_left, n - pos)
+                self._literal_left -= take
+                pos += take
+                continue
+            nl = find(b"\n", pos)
+            if nl < 0:
+                if run < pos:
+                    items.append(view[run:pos])
+                self._partial += view[pos:]
+                run = pos = n
+                self._pass_long_partial(items)
+                break
+            end = nl + 1
+            if self._partial:
+                if run < pos:
+                    items.append(view[run:pos])
+                self._partial += view[pos:end]
+                line = bytes(self._partial)
+                self._partial.clear()
+                head_done, self._partial_head_done = self._partial_head_done, False
+                run = pos = end
+                if head_done:
+                    items.append(self._data_line(line))
+                else:
+                    special = self._line(line)
+                    items.append(line if special is None else special)
+                continue
+            numbered = data[pos] == 0x2A and data[pos + 2 : pos + 3].isdigit()
+            if not self._response_start or numbered:
+                # Fast path: data inside a response, or "* <number> ..." (FETCH, EXISTS, ...).
+                if data[nl - 1] == 0x7D or (data[nl - 1] == 0x0D and data[nl - 2] == 0x7D):
+                    self._after_data_line(data[max(pos, nl - _LITERAL_TAIL) : end])
+                else:
+                    self._response_start = True
+                pos = end
+                continue
+            item = self._line(data[pos:end])
+            if item is None:  # ordinary: stays in the run
+                pos = end
+                continue
+            if run < pos:
+                items.append(view[run:pos])
+            items.append(item)
+            run = pos = end
+        if run < n:
+            items.append(view[run:n])
+        return items
+
+    def _after_data_line(self, tail: bytes) -> None:
+        """Account for the end of a data line (``tail``: its last bytes): does it announce a
+        literal?"""
+        text = tail[:-2] if tail.endswith(b"\r\n") else tail[:-1]
+        marker = literal_at_end(text, nonsync=False)
+        if marker is None:
+            self._response_start = True
+        else:
+            self._literal_left = marker.size
+            self._response_start = False
+
+    def _data_line(self, line: bytes) -> bytes:
+        self._after_data_line(line[-_LITERAL_TAIL:])
+        return line
+
+    def _line(self, line: bytes) -> Item | None:
+        """A whole line: what to relay in its place, or ``None`` to relay it unchanged."""
+        if not self._response_start:
+            self._data_line(line)
+            return None
+        first = line[:1]
+        if first == b"+":
+            return Continuation(line)
+        if first == b"*":
+            word = _word(line, 2)
+            if word == b"BYE":
+                return Bye(line)
+            if word in STATUS_WORDS:
+                return self._rewrite(line) if _CAPABILITY_CODE.search(line) else None
+            if word == b"CAPABILITY":
+                return self._rewrite(line)
+            self._data_line(line)
+            return None
+        sp = line.find(b" ")
+        tag = line[:sp] if sp > 0 else line.rstrip(b"\r\n")
+        status = _word(line, sp + 1) if sp > 0 else b""
+        if _CAPABILITY_CODE.search(line):
+            line = self._rewrite(line)
+        return Tagged(tag=tag, status=status, data=line)
+
+    def _pass_long_partial(self, items: list[Item]) -> None:
+        """Pass on most of an overlong partial line of untagged data, keeping its tail."""
+        if len(self._partial) <= self.max_line:
+            return
+        if not self._partial_head_done and self._response_start:
+            head = bytes(self._partial[:64])
+            if not head.startswith(b"* ") or _word(head, 2) in STATUS_WORDS | {b"CAPABILITY"}:
+                raise ProtocolError("upstream response line is too long")
+        self._partial_head_done = True
+        cut = len(self._partial) - _LITERAL_TAIL
+        items.append(bytes(self._partial[:cut]))
+        del self._partial[:cut]
 
 
 # ---------------------------------------------------------------------- CAPABILITY helpers

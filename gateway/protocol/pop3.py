@@ -28,7 +28,9 @@ unknown command, a command in the wrong state or bad arguments.
 Framing: :class:`LineReader` splits the input into lines of at most
 :data:`MAX_COMMAND_LINE` octets (RFC 2449 §4: 255 including CRLF). A longer line is
 reported once as :class:`LineTooLong` and skipped up to its end. SASL responses after
-an ``AUTH`` continuation may be longer (:data:`MAX_SASL_LINE`, RFC 5034 §4).
+an ``AUTH`` continuation may be longer (:data:`MAX_SASL_LINE`, RFC 5034 §4). AUTH PLAIN's
+message is decoded by :func:`gateway.protocol.sasl.decode_plain`, the one PLAIN decoder the
+IMAP side uses too.
 
 Message data: :class:`MessageEncoder` takes an RFC 822 message in chunks of any size and
 split (as the upstream IMAP server sends it) and emits the multi-line POP3 body exactly
@@ -45,7 +47,6 @@ was split into chunks.
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import re
 from collections.abc import Iterable
@@ -79,10 +80,6 @@ class LineTooLong(ProtocolError):
 
 class CommandRejected(ProtocolError):
     """A command the client may not send now: ``str()`` is the reason given with -ERR."""
-
-
-class SaslError(ProtocolError):
-    """A malformed SASL client response (bad base64, wrong PLAIN layout)."""
 
 
 # -- states and commands ------------------------------------------------------------
@@ -342,31 +339,6 @@ class LineReader:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
-
-
-# -- SASL PLAIN (RFC 4616) ------------------------------------------------------------
-
-
-def decode_base64(data: bytes) -> bytes:
-    """Strict base64 (RFC 5034 §4: "=" alone is an empty response)."""
-    if data == b"=":
-        return b""
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise SaslError("Invalid base64 data") from None
-
-
-def decode_plain(response: bytes) -> tuple[str, str, str]:
-    """``authzid NUL authcid NUL passwd`` → (authzid, authcid, password)."""
-    parts = response.split(b"\0")
-    if len(parts) != 3 or not parts[1]:
-        raise SaslError("Invalid PLAIN response")
-    try:
-        authzid, authcid, password = (p.decode("utf-8") for p in parts)
-    except UnicodeDecodeError:
-        raise SaslError("PLAIN response is not valid UTF-8") from None
-    return authzid, authcid, password
 
 
 # -- responses -----------------------------------------------------------------------
