@@ -21,9 +21,9 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from gateway.admin.http import serve_admin
-from tests.helpers_gateway import make_config, start_gateway
+from tests.fixtures.admin import AdminGate, imap_login, lab_config
+from tests.fixtures.gateway import make_config, start_gateway
 from tests.lab import LabDovecot, LabOAuthServer
-from tests.test_admin_lab import AdminGate, imap_login, lab_config
 
 pytestmark = pytest.mark.lab
 

@@ -11,17 +11,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fixtures.imap import Gate, create_mailbox, logged_in, quoted, start_seeded_gate
 from tests.lab import LabDovecot, seed
 from tests.lab.corpus import CORPUS
-from tests.test_imap_support import (  # noqa: F401
-    Gate,
-    caps_of,
-    gate,
-    seeded_state,
-    start_gate,
-    start_seeded_gate,
-)
-from tests.test_imap_e2e import create_mailbox, logged_in, quoted
 
 pytestmark = pytest.mark.lab
 

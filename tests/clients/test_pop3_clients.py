@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.lab import seed
-from tests.test_pop3_support import PopGate, pop_gate, pop3_seeded  # noqa: F401
+from tests.fixtures.pop3 import PopGate
 
 pytestmark = pytest.mark.lab
 

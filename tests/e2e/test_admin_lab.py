@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,81 +17,14 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_stream
 
 from gateway.admin.http import serve_admin
-from gateway.config import Config
-from gateway.oauth import commands
-from gateway.server import GatewayServer
-from tests.helpers_gateway import client_ssl_context, make_config, start_gateway
+from tests.fixtures.admin import PASSWORD, USER, AdminGate, imap_login, lab_config, seed_account
+from tests.fixtures.gateway import make_config, start_gateway
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import big_message_chunks, big_message_sha256
-from tests.test_imap_support import Wire
-from tests.test_oauth_support import Terminal
 
 pytestmark = pytest.mark.lab
 
-USER = "alice"
-PASSWORD = "admin-lab-pass-7a1c"
 BIG = 20 * 1024 * 1024
-
-
-def lab_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer,
-               users: dict[str, str], **extra: Any) -> dict[str, Any]:
-    """A raw config: IMAPS + cleartext POP3 from loopback, the admin port, the lab provider."""
-    return {
-        "server": {"hostname": "localhost", "state_dir": "state"},
-        "listener": [
-            {"protocol": "imap", "bind": "127.0.0.1:0", "tls": "implicit"},
-            {"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "none",
-             "plaintext_auth_from": ["127.0.0.0/8"]},
-        ],
-        "admin": {"bind": "127.0.0.1:0"},
-        "providers": {"lab": {
-            "imap": f"{lab.host}:{lab.ports['imaps']}", "imap_tls": "implicit",
-            "ca_file": str(lab.ca_file), "sasl": "xoauth2", "flow": "authorization_code",
-            "authorize_url": oauth.authorize_url, "token_url": oauth.token_url,
-            "scopes": ["mail"], "client_id": oauth.client_id, "client_secret": oauth.client_secret,
-        }},
-        "users": {name: {"provider": "lab", "upstream_user": up} for name, up in users.items()},
-        "limits": {"auth_failure_delay": 0, "token_request_timeout": 5,
-                   "upstream_connect_timeout": 5},
-        **extra,
-    }
-
-
-async def seed_account(config: Config, user: str, refresh_token: str, password: str) -> None:
-    """What an admin does with ``mailgate authorize USER --refresh-token-stdin``."""
-    out = Terminal()
-    status = await commands.authorize_async(
-        config, user, refresh_token_stdin=True, password_stdin=True,
-        stdin=Terminal(f"{password}\n{refresh_token}\n"), stdout=out,
-    )
-    assert status == 0, out.getvalue()
-
-
-@dataclass
-class AdminGate:
-    config: Config
-    server: GatewayServer
-    upstream_user: str
-    lab: LabDovecot
-    refresh_token: str = ""
-
-    @property
-    def admin(self) -> str:
-        host, port = self.server.admin_address  # type: ignore[attr-defined]
-        return f"{host}:{port}"
-
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=f"http://{self.admin}", timeout=10)
-
-    async def imap(self) -> Wire:
-        host, port = self.server.addresses[0]
-        tcp = await trio.open_tcp_stream(host, port)
-        ctx = client_ssl_context(self.config)
-        return Wire(trio.SSLStream(tcp, ctx, server_hostname="localhost"), ctx)
-
-    async def pop3(self) -> Wire:
-        host, port = self.server.addresses[1]
-        return Wire(await trio.open_tcp_stream(host, port), client_ssl_context(self.config))
 
 
 @pytest.fixture
@@ -105,15 +36,6 @@ async def gate(tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
     server = await start_gateway(nursery, config)
     await nursery.start(serve_admin, server)
     return AdminGate(config, server, lab_user, lab, refresh_token)
-
-
-def quoted(text: str) -> bytes:
-    return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-async def imap_login(w: Wire, password: str = PASSWORD, tag: bytes = b"L") -> list[bytes]:
-    await w.line()  # greeting
-    return await w.command(tag + b" LOGIN " + USER.encode() + b" " + quoted(password))
 
 
 def samples(metrics: str) -> dict[str, float]:

@@ -25,14 +25,14 @@ import trio
 
 from gateway.config import Config, load_config
 from gateway.protocol.sasl import xoauth2_initial_response
-from tests.helpers_gateway import client_ssl_context
+from tests.fixtures.admin import lab_config, quoted, seed_account
+from tests.fixtures.gateway import client_ssl_context
+from tests.fixtures.imap import Wire
 from tests.lab import LabDovecot, LabOAuthServer, seed
-from tests.test_admin_lab import lab_config, quoted, seed_account
-from tests.test_imap_support import Wire
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 ALICE_PASSWORD = "alice-local-Pa55word"
 CAROL_PASSWORD = "carol-local-Pa55word"

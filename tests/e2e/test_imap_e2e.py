@@ -18,32 +18,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fixtures.imap import Gate, Wire, caps_of, create_mailbox, logged_in, quoted, start_gate
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import CORPUS, big_message_chunks, big_message_sha256
-from tests.test_imap_support import (  # noqa: F401
-    Gate,
-    Wire,
-    caps_of,
-    gate,
-    seeded_state,
-    start_gate,
-)
 
 pytestmark = pytest.mark.lab
 
 FORBIDDEN_AFTER_LOGIN = re.compile(r"^(AUTH=.*|SASL-IR|STARTTLS|LOGINDISABLED|COMPRESS=.*|LITERAL-)$", re.I)
-
-
-def quoted(text: str) -> bytes:
-    return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-async def logged_in(gate: Gate, listener: str = "imaps") -> Wire:
-    w = await gate.wire(listener)
-    await w.line()
-    lines = await w.command(b"L LOGIN " + quoted(gate.user) + b" " + quoted(gate.password))
-    assert lines[-1].startswith(b"L OK "), lines
-    return w
 
 
 async def direct_wire(gate: Gate) -> Wire:
@@ -55,11 +36,6 @@ async def direct_wire(gate: Gate) -> Wire:
     lines = await w.command(b"D LOGIN " + quoted(gate.upstream_user) + b" " + quoted(gate.lab.password))
     assert lines[-1].startswith(b"D OK"), lines
     return w
-
-
-def create_mailbox(gate: Gate) -> None:
-    with seed.imap_session(gate.lab, gate.upstream_user) as imap:
-        imap.command(b"CREATE " + quoted(gate.mailbox))
 
 
 async def read_response(w: Wire, tag: bytes) -> bytes:

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.test_imap_e2e import quoted
-from tests.test_imap_support import Gate, caps_of, gate, seeded_state, start_seeded_gate  # noqa: F401
+from tests.fixtures.imap import Gate, caps_of, quoted, start_seeded_gate
 
 pytestmark = pytest.mark.lab
 

@@ -34,7 +34,7 @@ IMAP_AUTH_FAILED = b"NO [AUTHENTICATIONFAILED] Authentication failed."
 POP3_AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 HTTP_TIMEOUT = 10.0
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------ SASL helpers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 import pytest
 import trio
@@ -13,35 +12,16 @@ from gateway.oauth import commands
 from gateway.oauth.accounts import AccountManager
 from gateway.oauth.store import REFRESH_TOKEN, StateStore
 from gateway.oauth.tokens import BACKOFF_INITIAL
-from tests.lab.oauth_server import LabOAuthServer
-from tests.test_oauth_support import (  # noqa: F401
+from tests.fixtures.oauth import (
     PASSWORD,
     UPSTREAM_USER,
     Terminal,
-    idp,
     make_config,
+    seed_account,
     state_bytes,
 )
 
 pytestmark = pytest.mark.lab
-
-
-async def _seed(config, refresh_token: str, password: str = PASSWORD) -> None:
-    """Set the account up the way an admin does: ``mailgate authorize --refresh-token-stdin``."""
-    out = Terminal()
-    status = await commands.authorize_async(
-        config, "alice", refresh_token_stdin=True, password_stdin=True,
-        stdin=Terminal(f"{password}\n{refresh_token}\n"), stdout=out,
-    )
-    assert status == 0, out.getvalue()
-
-
-@pytest.fixture
-async def seeded(idp: LabOAuthServer, tmp_path: Path):
-    config = make_config(idp, tmp_path)
-    _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, refresh_token)
-    return config, refresh_token
 
 
 async def test_login_and_token(idp, seeded):
@@ -170,7 +150,7 @@ async def test_invalid_grant_needs_reauthorization_and_check_says_so(idp, seeded
     assert "invalid_grant" in out.getvalue() and "mailgate authorize alice" in out.getvalue()
     # re-authorizing fixes it without a restart
     _, new_refresh = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, new_refresh)
+    await seed_account(config, new_refresh)
     assert await manager.login("alice", PASSWORD) is account
     assert idp.is_active(await account.access_token())
     out = Terminal()
@@ -201,7 +181,7 @@ async def test_idp_down_is_temporary_and_backs_off(idp, seeded):
 async def test_hanging_idp_hits_the_deadline(idp, tmp_path):
     config = make_config(idp, tmp_path, limits={"token_request_timeout": 0.5})
     _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, refresh_token)
+    await seed_account(config, refresh_token)
     account = await AccountManager(config).login("alice", PASSWORD)
     idp.fail_mode = ("hang", 30)
     with trio.fail_after(10):
@@ -223,7 +203,7 @@ async def test_key_file_accounts_refresh_without_a_login(idp, tmp_path):
     key_file = tmp_path / "keys" / "lab.key"
     config = make_config(idp, tmp_path / "state", provider={"key_file": str(key_file)})
     _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, refresh_token)
+    await seed_account(config, refresh_token)
     assert key_file.stat().st_mode & 0o777 == 0o600
     manager = AccountManager(config)
     token = await manager.account("alice").access_token()  # unattended: no password needed
@@ -277,7 +257,7 @@ async def test_nothing_secret_is_logged_at_any_level(idp, tmp_path, caplog):
     caplog.set_level("DEBUG")
     config = make_config(idp, tmp_path)
     _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, refresh_token)
+    await seed_account(config, refresh_token)
     idp.rotate_refresh_tokens = True
     manager = AccountManager(config)
     account = await manager.login("alice", PASSWORD)

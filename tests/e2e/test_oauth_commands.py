@@ -14,15 +14,8 @@ from gateway.oauth import commands
 from gateway.oauth.accounts import AccountManager
 from gateway.oauth.store import REFRESH_TOKEN, StateStore
 from gateway.protocol.sasl import b64encode, xoauth2_initial_response
+from tests.fixtures.oauth import PASSWORD, UPSTREAM_USER, Terminal, make_config, state_bytes
 from tests.lab import LabDovecot, LabOAuthServer
-from tests.test_oauth_support import (  # noqa: F401
-    PASSWORD,
-    UPSTREAM_USER,
-    Terminal,
-    idp,
-    make_config,
-    state_bytes,
-)
 
 pytestmark = pytest.mark.lab
 NEW_PASSWORD = "a brand new password"

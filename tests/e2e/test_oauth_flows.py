@@ -16,8 +16,8 @@ from gateway.errors import TemporaryFailure
 from gateway.oauth import flows, grants
 from gateway.oauth.endpoint import OAuthErrorResponse
 from gateway.oauth.pkce import make_verifier
+from tests.fixtures.oauth import UPSTREAM_USER, Terminal, make_config
 from tests.lab.oauth_server import LabOAuthServer
-from tests.test_oauth_support import UPSTREAM_USER, Terminal, idp, make_config  # noqa: F401
 
 pytestmark = pytest.mark.lab
 

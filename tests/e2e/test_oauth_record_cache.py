@@ -7,8 +7,7 @@ import pytest
 from gateway.errors import AuthenticationFailed
 from gateway.oauth.accounts import AccountManager
 from gateway.oauth.store import StateStore
-from tests.test_oauth_accounts import _seed, seeded  # noqa: F401
-from tests.test_oauth_support import PASSWORD, UPSTREAM_USER, idp  # noqa: F401
+from tests.fixtures.oauth import PASSWORD, UPSTREAM_USER, seed_account
 
 pytestmark = pytest.mark.lab
 
@@ -23,7 +22,7 @@ class CountingStore(StateStore):
         return super().account(name)
 
 
-async def test_logins_read_the_record_once_until_the_store_changes(idp, seeded):  # noqa: F811
+async def test_logins_read_the_record_once_until_the_store_changes(idp, seeded):
     config, _ = seeded
     store = CountingStore(config.server.state_dir)
     manager = AccountManager(config, store=store)
@@ -38,14 +37,14 @@ async def test_logins_read_the_record_once_until_the_store_changes(idp, seeded):
     assert store.reads == 2
     # Authorized again with a new password: the old one fails, the new one works.
     _, refresh_token = idp.issue_tokens(UPSTREAM_USER)
-    await _seed(config, refresh_token, password="a new local password")
+    await seed_account(config, refresh_token, password="a new local password")
     with pytest.raises(AuthenticationFailed):
         await manager.login("alice", PASSWORD)
     account = await manager.login("alice", "a new local password")
     assert account.name == "alice"
 
 
-async def test_a_config_reload_drops_the_cached_records(idp, seeded):  # noqa: F811
+async def test_a_config_reload_drops_the_cached_records(idp, seeded):
     config, _ = seeded
     store = CountingStore(config.server.state_dir)
     manager = AccountManager(config, store=store)
@@ -55,7 +54,7 @@ async def test_a_config_reload_drops_the_cached_records(idp, seeded):  # noqa: F
     assert store.reads == 2
 
 
-async def test_the_change_stamp_follows_every_commit(seeded):  # noqa: F811
+async def test_the_change_stamp_follows_every_commit(seeded):
     config, _ = seeded
     store = StateStore(config.server.state_dir)
     before = store.change_stamp()

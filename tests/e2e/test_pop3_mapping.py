@@ -9,17 +9,10 @@ import pytest
 import trio
 
 from gateway.frontends.pop3_mapping import valid_uidl
+from tests.fixtures.imap import SeededState
+from tests.fixtures.pop3 import PopGate, start_inbox_gate, start_pop_gate, start_proxied_gate
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import CORPUS
-from tests.test_imap_support import SeededState
-from tests.test_pop3_support import (  # noqa: F401
-    PopGate,
-    pop3_seeded,
-    pop_gate,
-    start_inbox_gate,
-    start_pop_gate,
-    start_proxied_gate,
-)
 
 pytestmark = pytest.mark.lab
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fixtures.imap import SeededState
+from tests.fixtures.pop3 import start_pop_gate
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import big_message_chunks
-from tests.test_imap_support import SeededState
-from tests.test_pop3_support import pop3_seeded, start_pop_gate  # noqa: F401
 
 pytestmark = pytest.mark.lab
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.fixtures.imap import SeededState
+from tests.fixtures.pop3 import PopGate, start_pop_gate
 from tests.lab import LabDovecot, LabOAuthServer
-from tests.test_imap_support import SeededState
-from tests.test_pop3_support import PopGate, pop3_seeded, pop_gate, start_pop_gate  # noqa: F401
 
 pytestmark = pytest.mark.lab
 

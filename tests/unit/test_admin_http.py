@@ -24,7 +24,7 @@ from gateway.events import EventBus
 from gateway.net import ClientStream
 from gateway.server import GatewayServer
 
-from .helpers_gateway import make_config
+from tests.fixtures.gateway import make_config
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 

@@ -18,7 +18,7 @@ from gateway.admin.metrics import LiveState, Metrics
 from gateway.admin.routes import _safe_next
 from gateway.admin.wire import Request, parse_cookies, parse_form
 from gateway.config import AdminSection, Config
-from tests.helpers_gateway import make_config
+from tests.fixtures.gateway import make_config
 
 
 def _request(method: str = "GET", target: str = "/", peer: str = "127.0.0.1", **headers: str) -> Request:

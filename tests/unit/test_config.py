@@ -205,7 +205,7 @@ def test_parse_hostport_rejects(value: str) -> None:
 def test_the_example_config_is_valid_and_documents_every_key() -> None:
     from gateway.config import AdminSection, Limits, ListenerConfig, ServerSection, TLSSection, UserConfig
 
-    example = Path(__file__).parent.parent / "mailgate.example.toml"
+    example = Path(__file__).parents[2] / "mailgate.example.toml"
     cfg = load_config(example)
     assert cfg.users["alice"].provider == "gmail"
     text = example.read_text()

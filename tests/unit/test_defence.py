@@ -250,8 +250,7 @@ def test_capacity_must_be_positive() -> None:
 
 from gateway.errors import AuthenticationFailed  # noqa: E402
 from gateway.oauth.accounts import AccountManager  # noqa: E402
-from tests.test_oauth_accounts import _seed  # noqa: E402
-from tests.test_oauth_support import PASSWORD, idp, make_config  # noqa: E402,F401
+from tests.fixtures.oauth import PASSWORD, make_config, seed_account  # noqa: E402
 
 REFUSE_AFTER = 3  # a small threshold keeps these tests to a few derivations
 
@@ -260,7 +259,7 @@ REFUSE_AFTER = 3  # a small threshold keeps these tests to a few derivations
 async def manager(idp, tmp_path) -> AccountManager:  # type: ignore[no-untyped-def]
     config = make_config(idp, tmp_path)
     _, refresh_token = idp.issue_tokens("alice@example.com")
-    await _seed(config, refresh_token)
+    await seed_account(config, refresh_token)
     manager = AccountManager(config)
     manager.throttle = AuthThrottle(base_delay=0, refuse_after=REFUSE_AFTER)
     return manager

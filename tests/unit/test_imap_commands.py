@@ -32,7 +32,7 @@ from gateway.protocol.imap_commands import (
     rewrite_nonsync_literal,
     tagged,
 )
-from tests.splits import split_at
+from tests.fixtures.splits import split_at
 
 
 def reader(**kw: int) -> CommandReader:

@@ -15,7 +15,7 @@ from gateway.protocol.imap_passthrough import (
     client_capabilities,
     rewrite_capability_line,
 )
-from tests.splits import split_at
+from tests.fixtures.splits import split_at
 
 
 def scan(data: bytes | list[bytes], **kw: int) -> tuple[bytes, list]:

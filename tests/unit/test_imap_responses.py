@@ -17,7 +17,7 @@ from gateway.protocol.imap_responses import (
     capabilities_of,
     rewrite_capabilities,
 )
-from tests.splits import split_at
+from tests.fixtures.splits import split_at
 
 
 def feed_all(data: bytes, framer: ResponseFramer | None = None, step: int | None = None) -> list:

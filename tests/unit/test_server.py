@@ -19,7 +19,7 @@ from gateway.events import EventBus
 from gateway.net import ClientStream
 from gateway.server import GatewayServer
 
-from .helpers_gateway import client_ssl_context, make_config
+from tests.fixtures.gateway import client_ssl_context, make_config
 
 
 def _config(tmp_path: Path, **limits: object):
