@@ -1,6 +1,6 @@
 """Long fuzz runs of mailgate's sans-IO parsers (not part of the default test run).
 
-The properties live in ``tests/test_fuzz_*.py`` (bounded memory whatever the input, byte-exact
+The properties live in ``tests/unit/test_fuzz_*.py`` (bounded memory whatever the input, byte-exact
 relaying, reference models for RETR/TOP, "random input only raises the module's own protocol
 error"); CI runs each with a modest number of examples. This runs the same properties with as
 many examples as asked, in parallel processes, and stops at the first falsifying example (which
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EXAMPLES = 100_000
-FUZZ_TESTS = "tests/test_fuzz_*.py"
+FUZZ_TESTS = "tests/unit/test_fuzz_*.py"
 
 
 def main(argv: list[str] | None = None) -> int:

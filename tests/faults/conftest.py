@@ -8,11 +8,11 @@ import pytest
 import trio
 
 from tests.faults.support import Rig, start_rig
+from tests.fixtures.imap import SeededState
 from tests.lab import LabDovecot, LabOAuthServer
-from tests.test_imap_support import SeededState, seeded_state  # noqa: F401
 
 
 @pytest.fixture
 async def rig(nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot,
-              oauth_server: LabOAuthServer, seeded_state: SeededState) -> Rig:  # noqa: F811
+              oauth_server: LabOAuthServer, seeded_state: SeededState) -> Rig:
     return await start_rig(nursery, tmp_path, lab, oauth_server, seeded_state)

@@ -29,10 +29,10 @@ import trustme
 from gateway.config import Config
 from gateway.server import GatewayServer
 from tests.faults.proxy import FaultProxy
-from tests.helpers_gateway import loopback_listeners, make_config, start_gateway
+from tests.fixtures.gateway import loopback_listeners, make_config, start_gateway
+from tests.fixtures.imap import PASSWORD, USER, Gate, SeededState
+from tests.fixtures.pop3 import PopGate
 from tests.lab import LabDovecot, LabOAuthServer, seed
-from tests.test_imap_support import PASSWORD, USER, Gate, SeededState
-from tests.test_pop3_support import PopGate
 
 #: Timeouts of the rig's gateway: short, so that deadlines fire within a test.
 FAST_LIMITS: dict[str, Any] = {

@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from tests.faults.support import Rig, _quoted, start_rig
+from tests.fixtures.imap import PASSWORD, SeededState
 from tests.lab import LabDovecot, LabOAuthServer
-from tests.test_imap_support import PASSWORD, SeededState
 
 pytestmark = pytest.mark.lab
 

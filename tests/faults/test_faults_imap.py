@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from tests.faults.support import Rig, _quoted
-from tests.test_imap_support import PASSWORD, Wire, seed_account
+from tests.fixtures.imap import PASSWORD, Wire, seed_account
 
 pytestmark = pytest.mark.lab
 

@@ -1,0 +1,331 @@
+"""AuthThrottle (per-IP / per-user penalties) and UpstreamSlots (per-account upstream cap).
+
+Time is trio's virtual clock (``autojump_clock``): no test here really waits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from gateway.defence import (
+    MAX_PENALTY_DELAY,
+    PENALTY_DECAY_INTERVAL,
+    REFUSE_AFTER_FAILURES,
+    AuthThrottle,
+    address_key,
+    constant_time_equal,
+)
+from gateway.errors import TemporaryFailure
+from gateway.upstream.slots import SLOT_WAIT_EXCEEDED, UpstreamSlots
+
+
+class FakeClock:
+    """A hand-driven clock for the synchronous throttle tests."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def throttle(clock: FakeClock) -> AuthThrottle:
+    return AuthThrottle(base_delay=2.0, clock=clock)
+
+
+# --- AuthThrottle -----------------------------------------------------------------------------
+
+
+def test_no_penalty_for_a_fresh_client(throttle: AuthThrottle) -> None:
+    verdict = throttle.check("192.0.2.1", "alice")
+    assert verdict.delay == 0 and not verdict.refuse
+
+
+def test_penalty_doubles_from_the_base_delay_and_is_capped(throttle: AuthThrottle) -> None:
+    delays = []
+    for _ in range(7):
+        throttle.record_failure("192.0.2.1", "alice")
+        delays.append(throttle.delay_for("192.0.2.1", "alice"))
+    assert delays == [2.0, 4.0, 8.0, MAX_PENALTY_DELAY, MAX_PENALTY_DELAY, MAX_PENALTY_DELAY,
+                      MAX_PENALTY_DELAY]
+
+
+def test_per_ip_penalty_applies_to_every_user_name(throttle: AuthThrottle) -> None:
+    # A guesser cycling through user names from one address is slowed down all the same.
+    for n in range(3):
+        throttle.record_failure("192.0.2.1", f"user{n}")
+    assert throttle.delay_for("192.0.2.1", "never-tried") == 8.0
+    assert throttle.delay_for("192.0.2.2", "never-tried") == 0
+
+
+def test_per_user_penalty_applies_from_every_address(throttle: AuthThrottle) -> None:
+    # A botnet spreading guesses for one user over many addresses is slowed down too.
+    for n in range(3):
+        throttle.record_failure(f"198.51.100.{n}", "alice")
+    assert throttle.delay_for("203.0.113.9", "ALICE") == 8.0
+    assert throttle.delay_for("203.0.113.9", "bob") == 0
+
+
+def test_refused_without_checking_after_enough_failures(throttle: AuthThrottle) -> None:
+    for _ in range(REFUSE_AFTER_FAILURES - 1):
+        throttle.record_failure("192.0.2.1", "alice")
+    assert not throttle.check("192.0.2.1", "alice").refuse
+    throttle.record_failure("192.0.2.1", "alice")
+    verdict = throttle.check("192.0.2.1", "alice")
+    assert verdict.refuse and verdict.delay == MAX_PENALTY_DELAY
+    assert throttle.refused == 1
+
+
+def test_penalties_decay_one_failure_per_interval(throttle: AuthThrottle, clock: FakeClock) -> None:
+    for _ in range(REFUSE_AFTER_FAILURES):
+        throttle.record_failure("192.0.2.1", "alice")
+    assert throttle.check("192.0.2.1", "alice").refuse
+    clock.now += PENALTY_DECAY_INTERVAL * 0.5
+    assert throttle.check("192.0.2.1", "alice").refuse  # a failure counts until forgiven whole
+    clock.now += PENALTY_DECAY_INTERVAL * 0.5
+    assert not throttle.check("192.0.2.1", "alice").refuse  # one forgiven: checked again
+    clock.now += PENALTY_DECAY_INTERVAL * (REFUSE_AFTER_FAILURES - 3.5)
+    assert throttle.delay_for("192.0.2.1", "alice") == 8.0  # 2.5 points count as 3
+    clock.now += PENALTY_DECAY_INTERVAL * 2.5
+    assert throttle.check("192.0.2.1", "alice").delay == 0
+    assert throttle.tracked == (0, 0)  # fully decayed entries are dropped
+
+
+def test_a_stale_password_device_is_forgiven(throttle: AuthThrottle, clock: FakeClock) -> None:
+    # A scanner polling every 5 minutes with an outdated password never builds up a penalty.
+    for _ in range(50):
+        throttle.record_failure("192.0.2.50", "scanner")
+        clock.now += 300
+        assert throttle.delay_for("192.0.2.50", "scanner") == 0
+
+
+def test_success_clears_both_entries(throttle: AuthThrottle) -> None:
+    for _ in range(4):
+        throttle.record_failure("192.0.2.1", "alice")
+    throttle.record_success("192.0.2.1", "alice")
+    assert throttle.check("192.0.2.1", "alice").delay == 0
+    assert throttle.tracked == (0, 0)
+
+
+def test_success_as_another_user_does_not_clear_the_user_penalty(throttle: AuthThrottle) -> None:
+    # A guesser owning one valid account cannot reset the penalty on the account it attacks.
+    for _ in range(REFUSE_AFTER_FAILURES):
+        throttle.record_failure("192.0.2.1", "alice")
+    throttle.record_success("192.0.2.1", "mallory")
+    assert throttle.check("192.0.2.1", "alice").refuse
+
+
+def test_memory_is_bounded_under_a_flood_of_names(clock: FakeClock) -> None:
+    throttle = AuthThrottle(max_tracked=100, clock=clock)
+    for n in range(10_000):
+        throttle.record_failure(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", f"user{n}")
+    assert throttle.tracked == (100, 100)
+    # The most recent failures are the ones remembered.
+    assert throttle.delay_for("10.0.39.15", "user9999") > 0
+
+
+def test_ipv6_is_tracked_per_64_and_mapped_ipv4_as_ipv4() -> None:
+    assert address_key("2001:db8:1:2::5") == address_key("2001:db8:1:2:ffff::1")
+    assert address_key("2001:db8:1:2::5") != address_key("2001:db8:1:3::5")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+
+
+def test_constant_time_equal() -> None:
+    assert constant_time_equal("secret", "secret")
+    assert constant_time_equal(b"\x00\xff", b"\x00\xff")
+    assert not constant_time_equal("secret", "secreT")
+    assert not constant_time_equal("secret", "secret!")
+    assert constant_time_equal("pässword", "pässword".encode())
+
+
+async def test_throttle_works_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    throttle = AuthThrottle(base_delay=2.0, clock=trio.current_time)
+    throttle.record_failure("192.0.2.1", "alice")
+    start = trio.current_time()
+    await trio.sleep(throttle.delay_for("192.0.2.1", "alice"))
+    assert trio.current_time() - start == pytest.approx(2.0)
+    await trio.sleep(PENALTY_DECAY_INTERVAL)
+    assert throttle.delay_for("192.0.2.1", "alice") == 0
+
+
+# --- UpstreamSlots ----------------------------------------------------------------------------
+
+
+async def test_slots_are_granted_up_to_the_cap(autojump_clock: trio.testing.MockClock) -> None:
+    slots = UpstreamSlots("alice", capacity=3, wait=30)
+    held = [await slots.acquire() for _ in range(3)]
+    assert slots.in_use == 3
+    start = trio.current_time()
+    with pytest.raises(TemporaryFailure, match="too many upstream connections"):
+        await slots.acquire()
+    assert trio.current_time() - start == pytest.approx(30)
+    assert str(TemporaryFailure(SLOT_WAIT_EXCEEDED)) == SLOT_WAIT_EXCEEDED
+    assert slots.refused == 1 and slots.waiting == 0
+    for slot in held:
+        slot.release()
+    assert slots.in_use == 0
+
+
+async def test_a_waiter_gets_the_slot_released_in_time(autojump_clock: trio.testing.MockClock) -> None:
+    slots = UpstreamSlots("alice", capacity=1, wait=30)
+    first = await slots.acquire()
+    got: list[float] = []
+
+    async def second() -> None:
+        with await slots.acquire():
+            got.append(trio.current_time())
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.sleep(10)
+        assert slots.waiting == 1
+        first.release()
+    assert got and got[0] - start == pytest.approx(10)
+    assert slots.in_use == 0
+
+
+async def test_waiters_are_served_first_come_first_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = UpstreamSlots("alice", capacity=1, wait=100)
+    holder = await slots.acquire()
+    order: list[int] = []
+
+    async def waiter(n: int) -> None:
+        slot = await slots.acquire()
+        order.append(n)
+        await trio.sleep(1)
+        slot.release()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(waiter, n)
+            await trio.sleep(0.1)
+        holder.release()
+    assert order == [0, 1, 2, 3, 4]
+
+
+async def test_release_is_idempotent_and_cancelled_waiters_hold_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = UpstreamSlots("alice", capacity=1, wait=100)
+    slot = await slots.acquire()
+    slot.release()
+    slot.release()
+    assert slots.in_use == 0
+    slot = await slots.acquire()
+    with trio.move_on_after(5):
+        await slots.acquire()  # a session cancelled while waiting (client went away)
+    assert slots.waiting == 0 and slots.in_use == 1
+    slot.release()
+    assert slots.in_use == 0
+
+
+async def test_zero_wait_fails_at_once_when_full(autojump_clock: trio.testing.MockClock) -> None:
+    slots = UpstreamSlots("alice", capacity=1, wait=0)
+    with await slots.acquire():
+        start = trio.current_time()
+        with pytest.raises(TemporaryFailure):
+            await slots.acquire()
+        assert trio.current_time() == start
+    assert slots.in_use == 0
+
+
+def test_capacity_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        UpstreamSlots("alice", capacity=0, wait=1)
+
+
+# --- AccountManager.login with the throttle (real state store, real argon2) ------------------
+
+from gateway.errors import AuthenticationFailed  # noqa: E402
+from gateway.oauth.accounts import AccountManager  # noqa: E402
+from tests.fixtures.oauth import PASSWORD, make_config, seed_account  # noqa: E402
+
+REFUSE_AFTER = 3  # a small threshold keeps these tests to a few derivations
+
+
+@pytest.fixture
+async def manager(idp, tmp_path) -> AccountManager:  # type: ignore[no-untyped-def]
+    config = make_config(idp, tmp_path)
+    _, refresh_token = idp.issue_tokens("alice@example.com")
+    await seed_account(config, refresh_token)
+    manager = AccountManager(config)
+    manager.throttle = AuthThrottle(base_delay=0, refuse_after=REFUSE_AFTER)
+    return manager
+
+
+async def fails_like_a_wrong_password(manager: AccountManager, user: str, password: str,
+                                      peer: str) -> None:
+    with pytest.raises(AuthenticationFailed) as info:
+        await manager.login(user, password, peer=peer)
+    assert str(info.value) == "authentication failed"
+
+
+@pytest.mark.lab
+async def test_a_throttled_attempt_is_refused_unchecked_and_looks_like_a_wrong_password(
+    manager: AccountManager,
+) -> None:
+    for _ in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    runs = manager.kdf.runs
+    # The right password is not even checked now (no derivation), and the answer is the same.
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.1")
+    # Per user: the same from another address.
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "198.51.100.7")
+    assert manager.kdf.runs == runs
+    assert manager.throttle.refused == 2
+
+
+@pytest.mark.lab
+async def test_unknown_user_names_are_throttled_per_address(manager: AccountManager) -> None:
+    for n in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, f"nobody{n}", "guess", "192.0.2.1")
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.1")
+    # Another address is not penalised: the real user logs in there, which clears nothing
+    # for the guessing address.
+    assert (await manager.login("alice", PASSWORD, peer="198.51.100.7")).name == "alice"
+    assert manager.throttle.check("192.0.2.1", "nobody-else").refuse
+
+
+@pytest.mark.lab
+async def test_a_recently_verified_password_is_never_locked_out(manager: AccountManager) -> None:
+    await manager.login("alice", PASSWORD, peer="192.0.2.10")  # the user's phone, verified
+    for _ in range(REFUSE_AFTER + 2):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.66")
+    runs = manager.kdf.runs
+    assert (await manager.login("alice", PASSWORD, peer="192.0.2.66")).name == "alice"
+    assert manager.kdf.runs == runs  # served by the credential cache
+    assert manager.throttle.check("192.0.2.66", "alice").delay == 0  # success cleared it
+
+
+@pytest.mark.lab
+async def test_penalty_delay_is_served_before_the_check(manager: AccountManager) -> None:
+    manager.throttle = AuthThrottle(base_delay=0.2, refuse_after=100)
+    await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    assert manager.throttle.delay_for("192.0.2.1", "alice") == pytest.approx(0.2)
+    start = trio.current_time()
+    await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    assert trio.current_time() - start >= 0.2
+
+
+@pytest.mark.lab
+async def test_a_reload_keeps_penalties_and_slots(manager: AccountManager, idp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(REFUSE_AFTER):
+        await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
+    slots = manager.account("alice").upstream_slots
+    config = make_config(idp, tmp_path, limits={"auth_failure_delay": 1.5})
+    manager.update_config(config)
+    assert manager.throttle.check("192.0.2.1", "alice").refuse  # a SIGHUP forgives nothing
+    assert manager.throttle.base_delay == 1.5
+    assert manager.account("alice").upstream_slots is slots  # running sessions keep their cap
