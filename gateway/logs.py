@@ -6,8 +6,12 @@ Code is written never to log a secret. This module is the second line of defence
 :class:`RedactingFilter` on every handler rewrites the final message (after %-formatting, and the
 formatted exception text too) so that
 
-* every secret registered with :func:`register_secret` (the token manager registers each access
-  and refresh token it holds, the front ends each password they check) becomes ``[redacted]``;
+* every secret registered with :func:`register_secret` becomes ``[redacted]``: the configured
+  client secrets and admin token (:mod:`gateway.app`), each access and refresh token the token
+  manager obtains or unseals and each local password once verified
+  (:mod:`gateway.oauth.accounts`), and the password and tokens of an authorization
+  (:mod:`gateway.oauth.lifecycle`). Wrong passwords are not registered: a guesser could
+  otherwise pick words to censor from the log;
 * anything shaped like a credential is masked: ``Bearer <x>``, ``access_token``/``refresh_token``/
   ``password``/``client_secret``/``code``/``assertion`` fields in form, JSON or ``key=value``
   form, and ``AUTHENTICATE``/``AUTH`` lines with their SASL blobs.

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trustme
 
-from gateway.config import Limits, ProviderConfig, UserConfig
+from gateway.config import Limits, ProviderConfig
 from gateway.errors import ReauthorizationRequired, UpstreamError
 from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UpstreamIMAP, UpstreamNo
 from gateway.upstream.login import open_upstream
@@ -33,13 +33,13 @@ def lab_provider(lab: LabDovecot, oauth: LabOAuthServer, *, port: str = "imaps",
 
 
 class LabAccount:
-    """Just enough of gateway.oauth.accounts.Account: tokens straight from the lab OAuth server."""
+    """A gateway.ports.TokenSource with tokens straight from the lab OAuth server."""
 
     def __init__(self, oauth: LabOAuthServer, user: str, provider: ProviderConfig, *,
                  revoke_fresh: bool = False) -> None:
         self.oauth = oauth
         self.name = user
-        self.user = UserConfig(name=user, provider="lab", upstream_user=user)
+        self.upstream_user = user
         self.provider = provider
         self.refreshes = 0
         self.revoke_fresh = revoke_fresh
@@ -103,7 +103,7 @@ async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth
 
 async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
-    account.user = UserConfig(name=lab_user, provider="lab", upstream_user=lab.new_user())
+    account.upstream_user = lab.new_user()
     with pytest.raises(ReauthorizationRequired):
         await open_upstream(account, LIMITS)
 
@@ -307,9 +307,9 @@ async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth
     from gateway.upstream.slots import UpstreamSlots
 
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
-    account.upstream_slots = UpstreamSlots(lab_user, capacity=1, wait=0)  # type: ignore[attr-defined]
-    client = await open_upstream(account, LIMITS)
-    assert account.upstream_slots.in_use == 1  # type: ignore[attr-defined]
+    slots = UpstreamSlots(lab_user, capacity=1, wait=0)
+    client = await open_upstream(account, LIMITS, slots=slots)
+    assert slots.in_use == 1
     stream, buffered = client.detach()
     assert buffered == b""
     await stream.send_all(b"x1 NOOP\r\n")
@@ -318,10 +318,11 @@ async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth
         answer += await stream.receive_some(4096)
     assert b"x1 OK" in answer
     await stream.aclose()
-    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
-    client2 = await open_upstream(account, LIMITS)
+    assert slots.in_use == 0
+    client2 = await open_upstream(account, LIMITS, slots=slots)
+    assert slots.in_use == 1
     await client2.logout()
-    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
+    assert slots.in_use == 0
 
 
 async def test_server_bye_and_kick_become_upstream_error(lab: LabDovecot, oauth_server: LabOAuthServer,

@@ -43,7 +43,7 @@ Nothing secret (passwords, tokens, SASL data, message bodies) is ever logged.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -56,12 +56,13 @@ from ..errors import (
 )
 from ..protocol import pop3
 from ..protocol.pop3 import Code, Command, State
-from ..upstream.client import CommandFailed
+from ..upstream.client import CommandFailed, UpstreamIMAP
 from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
     from ..net import ClientStream
+    from ..ports import LocalAccount
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -72,8 +73,6 @@ RECEIVE_SIZE = 65536
 #: The SASL mechanisms offered (APOP and CRAM need the plaintext password: not stored).
 SASL_MECHANISMS = ("PLAIN",)
 IMPLEMENTATION = "mailgate"
-#: Deadline for the polite upstream LOGOUT when a session ends.
-LOGOUT_TIMEOUT = 5.0
 
 GREETING = pop3.ok("mailgate POP3 ready.")
 AUTH_FAILED = pop3.err("Authentication failed.", Code.AUTH)
@@ -132,8 +131,8 @@ class Pop3Session:
         self.state = pop3.SessionState()
         self.writer = BatchedWriter(stream)
         self.bad_commands = 0
-        self.account: Any = None
-        self.upstream: Any = None
+        self.account: LocalAccount | None = None
+        self.upstream: UpstreamIMAP | None = None
         self.maildrop: Maildrop | None = None
         self.lock: MaildropLock | None = None
 
@@ -158,7 +157,7 @@ class Pop3Session:
         with trio.CancelScope(shield=True):
             if self.maildrop is not None and self.upstream is not None:
                 # RETRs of a session that ended without QUIT still count as downloads.
-                with trio.move_on_after(LOGOUT_TIMEOUT):
+                with trio.move_on_after(self.limits.logout_timeout):
                     try:
                         await self.maildrop.flush_seen()
                     except MailgateError as exc:
@@ -166,7 +165,7 @@ class Pop3Session:
                                  self.stream.peer, exc)
             if self.upstream is not None:
                 upstream, self.upstream = self.upstream, None
-                with trio.move_on_after(LOGOUT_TIMEOUT):
+                with trio.move_on_after(self.limits.logout_timeout):
                     try:
                         await upstream.aclose()
                     except Exception:  # closing a broken upstream: nothing left to do
@@ -330,7 +329,7 @@ class Pop3Session:
         if not self.state.quit():
             await self.send(pop3.ok("Logging out."))
             return
-        assert self.maildrop is not None
+        assert self.maildrop is not None and self.account is not None
         try:
             text = await self.maildrop.commit()
         except CommitRefused as exc:
@@ -345,7 +344,8 @@ class Pop3Session:
         await self.send(pop3.ok(f"{text}."))
 
     async def _logout_upstream(self) -> None:
-        with trio.move_on_after(LOGOUT_TIMEOUT):
+        assert self.upstream is not None
+        with trio.move_on_after(self.limits.logout_timeout):
             try:
                 await self.upstream.logout()
             except MailgateError:
@@ -364,7 +364,7 @@ class Pop3Session:
                 self._publish_failure(account.name, "in_use")
                 await self.send(IN_USE)
                 return
-            self.upstream = await _open_upstream(account, self.limits)
+            self.upstream = await self.ctx.connector.open(account)
             user = account.user
             self.maildrop = await Maildrop.open(
                 self.upstream,
@@ -488,8 +488,3 @@ class Pop3Session:
     async def cmd_noop(self, command: Command) -> None:
         await self.send(pop3.ok())
 
-
-async def _open_upstream(account: Any, limits: Any) -> Any:
-    from ..upstream.login import open_upstream
-
-    return await open_upstream(account, limits)
