@@ -38,6 +38,10 @@ function depends on the provider's flow:
 * ``client_credentials``: the client-credentials grant (Microsoft app-only).
 * ``service_account``: a JWT assertion signed with the service account's key, ``sub`` = user.
 
+Every access and refresh token obtained or unsealed here, and every password verified by a
+derivation, is registered with :func:`gateway.logs.register_secret` (a cached login registers
+nothing: its password was registered when it was verified).
+
 Identity-provider errors are classified: ``invalid_grant`` and other OAuth refusals raise
 ``ReauthorizationRequired`` (recorded in the store's status table for ``mailgate check``; the
 dead grant is not retried until the stored token changes); HTTP 5xx, timeouts and connection
