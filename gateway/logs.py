@@ -28,7 +28,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TextIO
 
 MAX_REGISTERED_SECRETS = 10_000
 MIN_SECRET_LENGTH = 4  # shorter strings would redact ordinary words
@@ -102,7 +102,7 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
     if fmt == "json":

@@ -33,7 +33,6 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -101,7 +100,9 @@ class GatewayServer:
     def handler_for(self, protocol: str) -> Handler:
         return self._handlers.get(protocol) or FRONTENDS[protocol]
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind every listener, report ``started``, serve until :meth:`shutdown` or cancelled."""
         needs_tls = any(lst.tls != "none" for lst in self.config.listeners)
         if needs_tls and self.ssl_context is None:

@@ -61,13 +61,12 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from ..errors import MailgateError
 from ..protocol import pop3
-from ..upstream.client import MessageVanished
+from ..upstream.client import MessageVanished, UpstreamIMAP
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -236,7 +235,7 @@ class Maildrop:
 
     def __init__(
         self,
-        upstream: Any,
+        upstream: UpstreamIMAP,
         *,
         mailbox: str,
         delete_mode: str,
@@ -258,7 +257,7 @@ class Maildrop:
 
     @classmethod
     async def open(
-        cls, upstream: Any, *, mailbox: str, delete_mode: str, size_cache: SizeCache
+        cls, upstream: UpstreamIMAP, *, mailbox: str, delete_mode: str, size_cache: SizeCache
     ) -> Maildrop:
         """SELECT ``mailbox`` and take the snapshot of UIDs, sizes and UIDLs."""
         info = await upstream.select(mailbox)
@@ -438,7 +437,7 @@ _SNAPSHOT_ITEM = re.compile(rb"(UID|RFC822\.SIZE|X-GM-MSGID) (\d+)", re.IGNORECA
 Snapshot = list[tuple[int, int, int | None]]  # (uid, RFC822.SIZE, X-GM-MSGID) in mailbox order
 
 
-async def _snapshot(upstream: Any, *, gmail: bool) -> Snapshot:
+async def _snapshot(upstream: UpstreamIMAP, *, gmail: bool) -> Snapshot:
     """UID, RFC822.SIZE (and on Gmail X-GM-MSGID) of every message, in one UID FETCH.
 
     The answers are plain number lists, read here with a regular expression: a general
@@ -460,7 +459,7 @@ async def _snapshot(upstream: Any, *, gmail: bool) -> Snapshot:
     return [fetched[seq] for seq in sorted(fetched)]
 
 
-async def _snapshot_slowly(upstream: Any, *, gmail: bool) -> Snapshot:
+async def _snapshot_slowly(upstream: UpstreamIMAP, *, gmail: bool) -> Snapshot:
     sizes: list[tuple[int, int]] = await upstream.fetch_sizes()
     ids: dict[int, int] = {}
     if gmail and sizes:
