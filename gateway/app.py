@@ -2,8 +2,13 @@
 
 Theory of operation
 -------------------
-:func:`build` turns a validated :class:`~gateway.config.Config` into the running parts and
-:func:`serve` runs them in one nursery until SIGTERM/SIGINT:
+:func:`build_context` is the one place the concrete parts behind :mod:`gateway.ports` are made:
+the credential store (:func:`~gateway.oauth.store.open_store`), the
+:class:`~gateway.oauth.accounts.AccountManager`, the
+:class:`~gateway.upstream.connector.UpstreamConnector` and the event bus; it also registers the
+configured secrets (client secrets, the admin token) with :func:`gateway.logs.register_secret`.
+:func:`build` adds the TLS certificate and the server, and :func:`serve` runs them in one
+nursery until SIGTERM/SIGINT:
 
 * SIGTERM / SIGINT: stop accepting, let sessions finish for ``limits.shutdown_grace`` seconds,
   then cancel them (a cancelled POP3 session never enters UPDATE: nothing is deleted).
@@ -11,6 +16,9 @@ Theory of operation
   the running one kept. A good one is swapped in whole for *new* sessions (new users, changed
   providers and limits); running sessions keep the objects they started with. The TLS
   certificate is re-loaded into a fresh SSL context for new connections.
+
+The admin plane is imported like every other module: if it cannot be imported the gateway does
+not start (a broken install never silently turns the admin port off).
 """
 
 from __future__ import annotations
@@ -21,19 +29,45 @@ from pathlib import Path
 
 import trio
 
+from .admin.http import serve_admin
 from .certs import ensure_certificate
 from .config import Config, load_config
 from .context import GatewayContext
 from .errors import ConfigError
 from .events import EventBus
+from .logs import register_secret
+from .oauth.accounts import AccountManager
+from .oauth.store import open_store
 from .server import GatewayServer, make_server_ssl_context
+from .upstream.connector import UpstreamConnector
 
 log = logging.getLogger("mailgate")
 
 
-def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
-    from .oauth.accounts import AccountManager
+def build_context(config: Config) -> GatewayContext:
+    """The running parts of a gateway for ``config`` (raises StoreError if the store cannot be
+    opened)."""
+    _register_secrets(config)
+    events = EventBus()
+    store = open_store(config)
+    return GatewayContext(
+        config=config,
+        accounts=AccountManager(config, store=store, events=events),
+        events=events,
+        connector=UpstreamConnector(config, publish=events.publish),
+        store=store,
+    )
 
+
+def _register_secrets(config: Config) -> None:
+    for provider in config.providers.values():
+        if provider.client_secret is not None:
+            register_secret(provider.client_secret.get_secret_value())
+    if config.admin.token is not None:
+        register_secret(config.admin.token.get_secret_value())
+
+
+def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
     if any(lst.tls != "none" for lst in config.listeners):
         info = ensure_certificate(config.tls.cert_file, config.tls.key_file, config.server.hostname)
         if info.created:
@@ -43,9 +77,7 @@ def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
                 info.ca_file,
                 info.sha256_fingerprint,
             )
-    events = EventBus()
-    accounts = AccountManager(config, events=events)
-    ctx = GatewayContext(config=config, accounts=accounts, events=events)
+    ctx = build_context(config)
     return ctx, GatewayServer(ctx)
 
 
@@ -58,11 +90,11 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
         for problem in exc.problems:
             log.error("  - %s", problem)
         return False
+    _register_secrets(config)
     ctx = server.ctx
     ctx.config = config
-    update = getattr(ctx.accounts, "update_config", None)
-    if update is not None:
-        update(config)
+    ctx.accounts.update_config(config)
+    ctx.connector.update_config(config)
     if any(lst.tls != "none" for lst in config.listeners) and server.ssl_context is not None:
         try:
             server.ssl_context = make_server_ssl_context(config)
@@ -77,9 +109,8 @@ async def serve(config: Config, config_path: Path) -> int:
     ctx, server = build(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        admin = _admin_runner(config)
-        if admin is not None:
-            await nursery.start(admin, server)
+        if config.admin.enabled:
+            await nursery.start(serve_admin, server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -93,12 +124,3 @@ async def serve(config: Config, config_path: Path) -> int:
         nursery.cancel_scope.cancel()
     return 0
 
-
-def _admin_runner(config: Config):  # type: ignore[no-untyped-def]
-    if not config.admin.enabled:
-        return None
-    try:
-        from .admin.http import serve_admin
-    except ImportError:
-        return None
-    return serve_admin

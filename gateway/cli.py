@@ -22,12 +22,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+import trio
 
 from . import __version__
+from .app import serve
+from .certs import ensure_certificate
 from .config import DEFAULT_CONFIG_NAME, Config, load_config
 from .errors import ConfigError, MailgateError, TemporaryFailure
+from .logs import setup_logging
+from .oauth.commands import account_status, authorize, passwd
 
 log = logging.getLogger("mailgate")
 
@@ -115,16 +121,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"  {len(config.listeners)} listener(s), {len(config.providers)} provider(s), "
         f"{len(config.users)} user(s)"
     )
-    try:
-        from .oauth.commands import account_status
-    except ImportError:
-        return EXIT_OK
     return account_status(config, sys.stdout)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from .certs import ensure_certificate
-
     config = _load(args)
     info = ensure_certificate(config.tls.cert_file, config.tls.key_file, config.server.hostname)
     print(("created " if info.created else "") + f"certificate: {info.cert_file}")
@@ -136,14 +136,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from .oauth.commands import passwd
-
     return passwd(_load(args), args.user, password_stdin=args.password_stdin, reset=args.reset)
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:
-    from .oauth.commands import authorize
-
     return authorize(
         _load(args),
         args.user,
@@ -154,24 +150,18 @@ def cmd_authorize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import trio
-
-    from .app import serve
-
     config = _load(args)
     _setup_logging(args, config)
     return trio.run(serve, config, args.config or default_config_path())
 
 
 def _setup_logging(args: argparse.Namespace, config: Config | None) -> None:
-    from .logs import setup_logging
-
     level = "debug" if args.debug else (config.logging.level if config else "info")
     fmt = args.log_format or (config.logging.format if config else "text")
     setup_logging(level, fmt)
 
 
-COMMANDS: dict[str, Any] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "check": cmd_check,
     "certs": cmd_certs,

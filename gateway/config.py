@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``load_config(path)`` reads the file with :mod:`tomllib`, merges every ``[providers.X]`` table
-over its built-in preset (``gateway.oauth.providers.PRESETS``, chosen by ``preset = "..."`` or by
+over its built-in preset (``gateway.presets.PRESETS``, chosen by ``preset = "..."`` or by
 the table's own name), validates the result with pydantic and then runs the cross-checks pydantic
 cannot express (a user naming an unknown provider, two listeners on one address, ...).
 
@@ -33,8 +33,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
+from .presets import PRESETS
 
 DEFAULT_CONFIG_NAME = "mailgate.toml"
 
@@ -160,6 +162,8 @@ class ProviderConfig(_Section):
 
     name: str
     preset: str | None = None
+    # Which provider this is, as far as mailgate must know (set by the presets): "microsoft365"
+    # and "outlook" make the client-credentials flow ask for Exchange's ".default" scope.
     kind: str = "generic"
     imap: HostPort
     imap_tls: Literal["implicit", "starttls"] = "implicit"
@@ -227,6 +231,7 @@ class Limits(_Section):
     upstream_command_timeout: float = Field(120, gt=0)
     token_request_timeout: float = Field(30, gt=0)
     shutdown_grace: float = Field(30, ge=0)
+    logout_timeout: float = Field(5, gt=0)  # a session's polite goodbye to the upstream
     # Sizes (bytes).
     max_line_prelogin: int = Field(8192, ge=512)
     max_line: int = Field(65536, ge=1024)
@@ -265,16 +270,8 @@ class Config(_Section):
 # Loading
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    try:
-        from .oauth.providers import PRESETS
-    except ImportError:  # pragma: no cover - only while the OAuth package is being built
-        return {}
-    return PRESETS
-
-
 def _merge_providers(raw: dict[str, Any], problems: list[str]) -> None:
-    presets = _presets()
+    presets = PRESETS
     providers = raw.get("providers")
     if providers is None:
         return
@@ -349,7 +346,7 @@ def _format_loc(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails, raw: dict[str, Any]) -> str:
     loc = _format_loc(tuple(err["loc"]), raw)
     msg = err["msg"]
     kind = err["type"]
@@ -407,8 +404,12 @@ def _cross_check(cfg: Config) -> list[str]:
 def _check_user_providers(raw: dict[str, Any]) -> list[str]:
     """Users naming an undefined provider (checked on the raw document, so that this problem
     is reported together with every other one)."""
-    providers = raw.get("providers") if isinstance(raw.get("providers"), dict) else {}
-    users = raw.get("users") if isinstance(raw.get("users"), dict) else {}
+    providers = raw.get("providers")
+    users = raw.get("users")
+    if not isinstance(providers, dict):
+        providers = {}
+    if not isinstance(users, dict):
+        users = {}
     problems = []
     for name, table in users.items():
         provider = table.get("provider") if isinstance(table, dict) else None

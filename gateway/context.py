@@ -1,19 +1,25 @@
-"""What every session needs from the running gateway, passed explicitly (no global state)."""
+"""What every session needs from the running gateway, passed explicitly (no global state).
+
+One :class:`GatewayContext` is built by :func:`gateway.app.build_context` and handed to every
+session. Its parts are typed by the protocols of :mod:`gateway.ports`, so the front ends and the
+admin plane depend on what they use, not on the classes that implement it (tests put fakes in).
+A SIGHUP replaces ``config`` and tells ``accounts`` and ``connector``; sessions already running
+keep the objects they started with.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .config import Config
 from .events import EventBus
-
-if TYPE_CHECKING:  # imported lazily: the OAuth package is optional for the config tools
-    from .oauth.accounts import AccountManager
+from .ports import Accounts, CredentialStore, UpstreamConnector
 
 
 @dataclass
 class GatewayContext:
     config: Config
-    accounts: "AccountManager"
+    accounts: Accounts
     events: EventBus
+    connector: UpstreamConnector
+    store: CredentialStore

@@ -23,8 +23,8 @@ session.authenticated    protocol, peer, user                                   
 login.failed             protocol, peer, user (as typed), reason: bad_credentials |      front end
                          reauthorization_required | temporary | plaintext_refused
 session.closed           protocol, peer, user, bytes_in, bytes_out, duration, outcome    server
-upstream.connected       user, provider, latency_ms                                      upstream
-upstream.error           user, provider, reason                                          upstream
+upstream.connected       user, upstream (host:port), latency_ms                          upstream
+upstream.error           user, upstream (host:port), reason                              upstream
 token.refreshed          user, provider                                                  oauth
 token.failed             user, provider, reason: reauthorization_required | temporary    oauth
 config.reloaded          users                                                           app

@@ -6,8 +6,12 @@ Code is written never to log a secret. This module is the second line of defence
 :class:`RedactingFilter` on every handler rewrites the final message (after %-formatting, and the
 formatted exception text too) so that
 
-* every secret registered with :func:`register_secret` (the token manager registers each access
-  and refresh token it holds, the front ends each password they check) becomes ``[redacted]``;
+* every secret registered with :func:`register_secret` becomes ``[redacted]``: the configured
+  client secrets and admin token (:mod:`gateway.app`), each access and refresh token the token
+  manager obtains or unseals and each local password once verified
+  (:mod:`gateway.oauth.accounts`), and the password and tokens of an authorization
+  (:mod:`gateway.oauth.lifecycle`). Wrong passwords are not registered: a guesser could
+  otherwise pick words to censor from the log;
 * anything shaped like a credential is masked: ``Bearer <x>``, ``access_token``/``refresh_token``/
   ``password``/``client_secret``/``code``/``assertion`` fields in form, JSON or ``key=value``
   form, and ``AUTHENTICATE``/``AUTH`` lines with their SASL blobs.
@@ -24,7 +28,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TextIO
 
 MAX_REGISTERED_SECRETS = 10_000
 MIN_SECRET_LENGTH = 4  # shorter strings would redact ordinary words
@@ -61,12 +65,33 @@ def register_secret(value: str | bytes | None) -> None:
 
 
 def redact(text: str) -> str:
+    """``text`` with every registered secret and every credential-shaped value masked. Both are
+    found in the original text and masked together, so that neither can hide the other (a
+    registered secret that is also part of a key name, say ``secret`` in ``client_secret=``)."""
+    spans: list[tuple[int, int]] = []
     for secret in list(_registered):
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+        start = text.find(secret)
+        while start != -1:
+            spans.append((start, start + len(secret)))
+            start = text.find(secret, start + 1)
     for pattern in _PATTERNS:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
-    return text
+        spans.extend((m.end(1), m.end()) for m in pattern.finditer(text))
+    if not spans:
+        return text
+    spans.sort()
+    parts: list[str] = []
+    done = 0  # text[:done] is written (or masked)
+    for start, end in spans:
+        if end <= done:
+            continue
+        if start > done:
+            parts.append(text[done:start])
+            parts.append(REDACTED)
+        elif not parts or parts[-1] != REDACTED:
+            parts.append(REDACTED)  # starts inside the previous span: one mask for both
+        done = end
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 class RedactingFilter(logging.Filter):
@@ -98,7 +123,7 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream: Any = None) -> None:
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
     if fmt == "json":

@@ -80,13 +80,12 @@ class ClientStream:
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
         self.tls_active = False
-        self.tls_version: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
-        # Set by the front end for the status page and the session-end log line.
+        # Set by the front end for the status page and the session-end log line: ``user`` once
+        # the client is logged in (locally and upstream).
         self.user: str | None = None
-        self.state = "connected"  # connected → authenticated → closing
         self.outcome: str | None = None  # e.g. "logout", "quit", "timeout", "upstream_closed"
 
     @property
@@ -96,9 +95,11 @@ class ClientStream:
 
     async def receive_some(self, max_bytes: int = RECEIVE_SIZE) -> bytes:
         try:
-            data = await self._stream.receive_some(max_bytes)
+            received = await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
+        # trio's socket and TLS streams return bytes (the type allows a bytearray): no copy.
+        data = received if isinstance(received, bytes) else bytes(received)
         if data and self.tls_active and len(data) < max_bytes:
             data += take_decrypted(self._stream, max_bytes - len(data))
         self.bytes_in += len(data)
@@ -124,7 +125,6 @@ class ClientStream:
             raise TLSHandshakeFailed(f"TLS handshake failed: {exc.__cause__ or exc}") from None
         self._stream = tls
         self.tls_active = True
-        self.tls_version = tls.version()
 
     def plaintext_auth_allowed(self) -> bool:
         """Password logins are allowed over TLS, or from the listener's plaintext networks."""

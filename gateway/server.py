@@ -23,44 +23,36 @@ Shutdown (:meth:`shutdown`, SIGTERM/SIGINT in the CLI): stop accepting, let runn
 finish for ``limits.shutdown_grace`` seconds, then cancel them; cancelled sessions end without
 entering POP3's UPDATE state, so nothing is deleted.
 
-The handler for each protocol is looked up in :data:`FRONTENDS`; tests may pass their own.
+The handler for each protocol is :data:`FRONTENDS`'s; tests may pass their own.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
 from .config import Config, ListenerConfig
 from .context import GatewayContext
 from .events import EventBus
+from .frontends.imap_session import handle_imap
+from .frontends.pop3_session import handle_pop3
 from .net import ClientStream, TLSHandshakeFailed
 
 log = logging.getLogger("mailgate.server")
 
 Handler = Callable[[ClientStream, GatewayContext], Awaitable[None]]
 
-FRONTENDS = {
-    "imap": "gateway.frontends.imap_session:handle_imap",
-    "pop3": "gateway.frontends.pop3_session:handle_pop3",
-}
+FRONTENDS: dict[str, Handler] = {"imap": handle_imap, "pop3": handle_pop3}
 
 TOO_MANY = {
     "imap": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
     "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
 }
-
-
-def load_frontend(protocol: str) -> Handler:
-    module_name, _, attr = FRONTENDS[protocol].partition(":")
-    return getattr(importlib.import_module(module_name), attr)
 
 
 def make_server_ssl_context(config: Config) -> ssl.SSLContext:
@@ -106,17 +98,15 @@ class GatewayServer:
         return self.ctx.events
 
     def handler_for(self, protocol: str) -> Handler:
-        if protocol not in self._handlers:
-            self._handlers[protocol] = load_frontend(protocol)
-        return self._handlers[protocol]
+        return self._handlers.get(protocol) or FRONTENDS[protocol]
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind every listener, report ``started``, serve until :meth:`shutdown` or cancelled."""
         needs_tls = any(lst.tls != "none" for lst in self.config.listeners)
         if needs_tls and self.ssl_context is None:
             self.ssl_context = make_server_ssl_context(self.config)
-        for lst in self.config.listeners:
-            self.handler_for(lst.protocol)  # import errors surface now, not at the first client
         bound: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
         try:
             for lst in self.config.listeners:

@@ -15,9 +15,10 @@ port itself as the redirect target. Three steps, each an HTTP request:
    memory in the pending entry; the page asks the admin to *set* the user's local password
    (new account) or *confirm* it (existing account: the sealed data key must be unlocked).
 3. ``POST /oauth/complete`` — the form carries the entry's random id and a CSRF token that must
-   also match a ``SameSite=Strict`` cookie set with the form (double submit). Then, exactly as
-   the CLI does: a new credential record (or the existing one unlocked), the refresh token
-   sealed under the account's data key, both committed in one store transaction, status ``ok``.
+   also match a ``SameSite=Strict`` cookie set with the form (double submit). Then the same
+   credential lifecycle as the CLI (:func:`gateway.oauth.lifecycle.authorize_account`): a new
+   credential record (or the existing one unlocked), the refresh token sealed under the
+   account's data key, both committed in one store transaction, status ``ok``.
 
 Pending entries expire after ``flows.AUTHORIZE_TIMEOUT`` and are bounded in number
 (:data:`MAX_PENDING`); a wrong confirmation password may be retried :data:`MAX_PASSWORD_TRIES`
@@ -27,27 +28,27 @@ from memory as soon as it is sealed.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from dataclasses import replace as dc_replace
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..defence import constant_time_equal
 from ..errors import MailgateError, TemporaryFailure
-from ..oauth import credentials, flows, grants
-from ..oauth.accounts import REFRESH_FLOWS, STATUS_OK
+from ..oauth import flows, grants, lifecycle
+from ..oauth.accounts import REFRESH_FLOWS
 from ..oauth.endpoint import OAuthErrorResponse, TokenResponse
 from ..oauth.passwords import check_password_policy
 from ..oauth.pkce import make_state, make_verifier
-from ..oauth.sealing import SealError, create_key_file, read_key_file, seal
-from ..oauth.store import REFRESH_TOKEN, AccountRecord, SealedSecret, StateStore, StoreError
+from ..oauth.sealing import SealError
+from ..oauth.store import AccountRecord, StoreError
 
 if TYPE_CHECKING:
     from ..config import Config, ProviderConfig
+    from ..ports import CredentialStore, KdfRunner
 
 log = logging.getLogger("mailgate.admin")
 
@@ -96,7 +97,7 @@ class WebAuthorizations:
     def by_flow_id(self, flow_id: str) -> PendingAuthorization | None:
         self._expire()
         for entry in self._pending.values():
-            if hmac.compare_digest(entry.flow_id, flow_id):
+            if constant_time_equal(entry.flow_id, flow_id):
                 return entry
         return None
 
@@ -132,7 +133,9 @@ class WebAuthorizations:
 
     # --- step 2 -----------------------------------------------------------------------------
 
-    async def callback(self, config: "Config", params: dict[str, str]) -> PendingAuthorization:
+    async def callback(
+        self, config: "Config", store: "CredentialStore", params: dict[str, str]
+    ) -> PendingAuthorization:
         """Check the redirect, exchange the code; the entry then waits for the password form."""
         self._expire()
         entry = self._pending.get(params.get("state", ""))
@@ -163,25 +166,24 @@ class WebAuthorizations:
             raise WebFlowError(f"the identity provider is unreachable: {exc}", 502) from None
         if provider.flow in REFRESH_FLOWS and not entry.answer.refresh_token:
             self.discard(entry)
-            raise WebFlowError(
-                "the identity provider issued no refresh token (for Google: authorize_params "
-                "must keep access_type=offline)"
-            )
-        store = StateStore(config.server.state_dir)
-        entry.existing = await trio.to_thread.run_sync(store.account, entry.user)
+            raise WebFlowError(lifecycle.NO_REFRESH_TOKEN)
+        try:
+            entry.existing = await trio.to_thread.run_sync(store.account, entry.user)
+        except StoreError as exc:
+            self.discard(entry)
+            raise WebFlowError(f"the state store could not be read: {exc}", 500) from None
         return entry
 
     # --- step 3 -----------------------------------------------------------------------------
 
     async def complete(
-        self, config: "Config", entry: PendingAuthorization, *, password: str, confirm: str,
-        kdf_run=None,  # type: ignore[no-untyped-def]
+        self, config: "Config", store: "CredentialStore", kdf: "KdfRunner",
+        entry: PendingAuthorization, *, password: str, confirm: str,
     ) -> None:
         """Seal and store. Raises WebFlowError (the form is shown again unless discarded)."""
-        assert entry.answer is not None
+        answer = entry.answer
+        assert answer is not None
         provider = _provider(config, entry)
-        run = kdf_run or _thread_run
-        daemon_key = await _daemon_key(provider)
         if entry.existing is None:
             if password != confirm:
                 raise WebFlowError("the two passwords differ")
@@ -189,56 +191,29 @@ class WebAuthorizations:
                 check_password_policy(password)
             except ValueError as exc:
                 raise WebFlowError(str(exc)) from None
-            record, data_key = await run(
-                lambda: credentials.new_record(entry.user, provider.name, password,
-                                               daemon_key=daemon_key)
-            )
-        else:
-            record, data_key = await self._unlock(entry, provider, password, daemon_key, run)
-        secrets_: dict[str, SealedSecret] = {}
-        if provider.flow in REFRESH_FLOWS:
-            token = entry.answer.refresh_token or ""
-            sealed = seal(data_key, token.encode("utf-8"), account=entry.user,
-                          provider=provider.name, kind=REFRESH_TOKEN)
-            secrets_[REFRESH_TOKEN] = SealedSecret(provider.name, sealed, 0.0)
-        store = StateStore(config.server.state_dir)
+
+        async def obtained() -> TokenResponse:
+            return answer
+
         try:
-            await trio.to_thread.run_sync(store.save_account, record, secrets_)
-            await trio.to_thread.run_sync(store.set_status, entry.user, STATUS_OK, "")
+            await lifecycle.authorize_account(
+                store, kdf, name=entry.user, provider=provider, password=password,
+                existing=entry.existing, daemon_key=await _daemon_key(provider), obtain=obtained,
+            )
+        except lifecycle.WrongPassword as exc:
+            entry.tries += 1
+            if entry.tries >= MAX_PASSWORD_TRIES:
+                self.discard(entry)
+                raise WebFlowError("too many wrong passwords; nothing was changed. Start again.")
+            raise WebFlowError(f"{exc} (nothing was changed)") from None
+        except (SealError, lifecycle.NoRefreshToken) as exc:
+            self.discard(entry)
+            raise WebFlowError(str(exc)) from None
         except StoreError as exc:
             raise WebFlowError(f"the state store could not be written: {exc}", 500) from None
         self.discard(entry)
         entry.answer = None
         log.info("web authorization of %s completed (%s)", entry.user, provider.name)
-
-    async def _unlock(
-        self, entry: PendingAuthorization, provider: "ProviderConfig", password: str,
-        daemon_key: bytes | None, run,  # type: ignore[no-untyped-def]
-    ) -> tuple[AccountRecord, bytes]:
-        existing = entry.existing
-        assert existing is not None
-        try:
-            data_key = await run(
-                lambda: credentials.unlock(existing, password, daemon_key=daemon_key)
-            )
-        except SealError as exc:
-            self.discard(entry)
-            raise WebFlowError(str(exc)) from None
-        if data_key is None:
-            entry.tries += 1
-            if entry.tries >= MAX_PASSWORD_TRIES:
-                self.discard(entry)
-                raise WebFlowError("too many wrong passwords; nothing was changed. Start again.")
-            raise WebFlowError(f"wrong local password for {entry.user} (nothing was changed)")
-        record = dc_replace(existing, provider=provider.name)
-        wanted = "keyfile" if daemon_key is not None else "password"
-        if existing.key_wrapping != wanted:
-            record = await run(
-                lambda: credentials.change_password(record, data_key, password,
-                                                    daemon_key=daemon_key)
-            )
-            record = dc_replace(record, provider=provider.name)
-        return record, data_key
 
 
 def _provider(config: "Config", entry: PendingAuthorization) -> "ProviderConfig":
@@ -249,16 +224,7 @@ def _provider(config: "Config", entry: PendingAuthorization) -> "ProviderConfig"
 
 
 async def _daemon_key(provider: "ProviderConfig") -> bytes | None:
-    path = provider.key_file
-    if path is None:
-        return None
     try:
-        if not path.exists():
-            return await trio.to_thread.run_sync(create_key_file, path)
-        return await trio.to_thread.run_sync(read_key_file, path)
+        return await lifecycle.daemon_key(provider)
     except (SealError, OSError) as exc:
         raise WebFlowError(str(exc), 500) from None
-
-
-async def _thread_run(fn):  # type: ignore[no-untyped-def]
-    return await trio.to_thread.run_sync(fn)

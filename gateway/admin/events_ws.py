@@ -51,7 +51,8 @@ class ReplayStream(trio.abc.Stream):
             chunk = bytes(self._replay[:n])
             del self._replay[:n]
             return chunk
-        return await self._stream.receive_some(max_bytes)
+        received = await self._stream.receive_some(max_bytes)
+        return received if isinstance(received, bytes) else bytes(received)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)

@@ -66,7 +66,7 @@ class Metrics:
         )
         self.upstream_latency = Histogram(UPSTREAM_LATENCY_BUCKETS)
 
-    def _inc(self, name: str, amount: float = 1, **labels: Any) -> None:
+    def _inc(self, name: str, amount: int = 1, **labels: Any) -> None:
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
         self.counters[name][key] += amount
 

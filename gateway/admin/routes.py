@@ -27,12 +27,12 @@ Routes:
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from ..defence import constant_time_equal
 from . import pages
 from .access import AdminAccess
 from .authorize import CALLBACK_PATH, WebAuthorizations, WebFlowError
@@ -166,7 +166,9 @@ class AdminApp:
 
     async def oauth_callback(self, request: Request) -> Response:
         try:
-            entry = await self.authorizations.callback(self.server.config, request.query)
+            entry = await self.authorizations.callback(
+                self.server.config, self.server.ctx.store, request.query
+            )
         except WebFlowError as exc:
             return html(pages.message_page("Authorization failed", str(exc), ok=False), exc.status)
         cookie = f"{CSRF_COOKIE}={entry.csrf}; Path=/oauth; HttpOnly; SameSite=Strict"
@@ -188,11 +190,11 @@ class AdminApp:
                 "Authorization failed",
                 "this form is unknown, expired or was not sent from this browser; start again",
                 ok=False), 403)
-        kdf = getattr(self.server.ctx.accounts, "kdf", None)
+        ctx = self.server.ctx
         try:
             await self.authorizations.complete(
-                self.server.config, entry, password=form.get("password", ""),
-                confirm=form.get("confirm", ""), kdf_run=kdf.run if kdf is not None else None,
+                ctx.config, ctx.store, ctx.accounts.kdf, entry, password=form.get("password", ""),
+                confirm=form.get("confirm", ""),
             )
         except WebFlowError as exc:
             if self.authorizations.by_flow_id(entry.flow_id) is None:
@@ -210,7 +212,7 @@ class AdminApp:
 
 
 def _same(a: str, b: str) -> bool:
-    return bool(a) and hmac.compare_digest(a.encode(), b.encode())
+    return bool(a) and constant_time_equal(a, b)
 
 
 def _safe_next(target: str) -> str:

@@ -5,15 +5,19 @@ Theory of operation
 The snapshot is built on request from three sources and is plain JSON-able data:
 
 * the server: bound listeners, the live :class:`~gateway.net.ClientStream` set (user, protocol,
-  peer, state, bytes, age), whether it is draining;
-* the state store (read in a worker thread; it is SQLite): which accounts are authorized and the
-  status the token manager recorded (``needs_reauthorization`` with its detail);
+  peer, bytes, age), whether it is draining. A session is ``authenticated`` once its front end
+  set its ``user``, which happens only after the upstream login answered OK, so such a session
+  has its upstream connection (``upstream: connected``); before that it is ``connected`` with
+  no upstream;
+* the credential store (:class:`~gateway.ports.CredentialStore`, read in a worker thread):
+  which accounts are authorized and the status the token manager recorded
+  (``needs_reauthorization`` with its detail);
 * :class:`AccountActivity`, an event-bus observer remembering per user the last token refresh
   and the last error (token failures, upstream errors, logins refused for re-authorization).
 
-Access-token expiry comes from the running :class:`~gateway.oauth.accounts.Account`'s cache and
+Access-token expiry comes from the running account (:class:`~gateway.ports.AccountView`) and
 is shown as a wall-clock time. Nothing secret is ever part of the snapshot: no token, no
-password, no verifier; events carry none by contract.
+password, no verifier; events carry none (see :mod:`gateway.events`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from .. import __version__
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig
+    from ..ports import Accounts, CredentialStore
     from ..server import GatewayServer
 
 RECENT_EVENTS_SHOWN = 50
@@ -74,10 +79,8 @@ def sessions_snapshot(server: "GatewayServer", now: float) -> list[dict[str, Any
             "user": s.user,
             "peer": s.peer,
             "tls": s.tls_active,
-            # Front ends set ``user`` once logged in; a logged-in session has its upstream
-            # connection by construction (the login waits for the upstream's OK).
-            "state": "authenticated" if s.user and s.state == "connected" else s.state,
-            "upstream": getattr(s, "upstream_state", None) or ("connected" if s.user else None),
+            "state": "authenticated" if s.user else "connected",
+            "upstream": "connected" if s.user else None,
             "bytes_in": s.bytes_in,
             "bytes_out": s.bytes_out,
             "opened_at": round(s.opened_at, 3),
@@ -89,8 +92,7 @@ def sessions_snapshot(server: "GatewayServer", now: float) -> list[dict[str, Any
 async def accounts_snapshot(server: "GatewayServer", activity: AccountActivity) -> list[dict[str, Any]]:
     config = server.config
     manager = server.ctx.accounts
-    store = getattr(manager, "store", None)
-    stored = await trio.to_thread.run_sync(_read_store, store, list(config.users))
+    stored = await trio.to_thread.run_sync(_read_store, server.ctx.store, list(config.users))
     accounts = []
     for name, user in sorted(config.users.items()):
         provider = config.providers.get(user.provider)
@@ -110,11 +112,9 @@ async def accounts_snapshot(server: "GatewayServer", activity: AccountActivity) 
     return accounts
 
 
-def _read_store(store: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+def _read_store(store: "CredentialStore", names: list[str]) -> dict[str, dict[str, Any]]:
     """Blocking: run in a thread. Only public, non-secret fields are copied out."""
     out: dict[str, dict[str, Any]] = {}
-    if store is None:
-        return out
     for name in names:
         try:
             record = store.account(name)
@@ -130,14 +130,11 @@ def _read_store(store: Any, names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _token_valid_until(manager: Any, name: str) -> float | None:
-    """Wall-clock expiry of the cached access token, if the account has one."""
-    account = getattr(manager, "_accounts", {}).get(name)
-    cached = getattr(getattr(account, "_tokens", None), "token", None)
-    expires_at = getattr(cached, "expires_at", None)
-    if expires_at is None:
-        return None
-    return round(time.time() + (expires_at - trio.current_time()), 1)
+def _token_valid_until(manager: "Accounts", name: str) -> float | None:
+    """Wall-clock expiry of the cached access token, if the account is running and has one."""
+    account = manager.view(name)
+    valid_until = account.token_valid_until() if account is not None else None
+    return round(valid_until, 1) if valid_until is not None else None
 
 
 async def snapshot(

@@ -34,7 +34,7 @@ a response is half received, the upstream must send something within
 client gets ``* BYE`` between responses, or sees the connection end inside one).
 
 Endings: the client leaves or times out → the upstream session is logged out (bounded by
-:data:`LOGOUT_TIMEOUT`) and closed. The upstream closes (after the client's LOGOUT, or on its
+``limits.logout_timeout``) and closed. The upstream closes (after the client's LOGOUT, or on its
 own, or breaks) → the client gets ``* BYE`` unless the upstream sent one, or unless the break
 came in the middle of a response, where any byte mailgate added would be taken for message data
 (the client then sees the connection close mid-response, which every client treats as an
@@ -67,6 +67,7 @@ from ..protocol.imap_passthrough import ProtocolError as UpstreamProtocolError
 
 if TYPE_CHECKING:
     from ..config import Limits
+    from ..upstream.client import UpstreamIMAP
 
 log = logging.getLogger("mailgate.imap")
 
@@ -80,12 +81,10 @@ UPSTREAM_ADVICE = (
      "with it: check upstream_user and the mailbox permissions"),
 )
 
-#: Size of the writes to either side; TLS throughput needs ≥ 64 KiB writes (library-facts.md).
+#: Size of the writes to either side; TLS throughput needs ≥ 64 KiB writes.
 WRITE_BATCH = 64 * 1024
 #: Bytes asked of a stream per read (a TLS stream returns one 16 KiB record at most anyway).
 RECEIVE_SIZE = 64 * 1024
-#: Longest mailgate spends logging out of the upstream after the client left.
-LOGOUT_TIMEOUT = 5.0
 #: What mailgate sends upstream when the client left without logging out.
 LOGOUT_COMMAND = b"MG0 LOGOUT\r\n"
 #: Longest a farewell (`* BYE`) may wait for a client that does not read.
@@ -125,7 +124,7 @@ class ImapRelay:
     def __init__(
         self,
         client: ClientStream,
-        upstream: Any,
+        upstream: UpstreamIMAP,
         *,
         limits: "Limits",
         client_buffered: bytes = b"",
@@ -198,7 +197,7 @@ class ImapRelay:
         idle = self.framer.idle_tag is not None
         if self.framer.in_command and not idle:
             return
-        with trio.move_on_after(LOGOUT_TIMEOUT) as scope:
+        with trio.move_on_after(self.limits.logout_timeout) as scope:
             scope.shield = True
             try:
                 await self._up_stream.send_all((b"DONE\r\n" if idle else b"") + LOGOUT_COMMAND)

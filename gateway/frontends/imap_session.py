@@ -14,8 +14,8 @@ pre-login phase must end within ``limits.login_timeout``; more than
 ``limits.max_bad_commands_prelogin`` bad commands, or as many failed logins, end the connection.
 
 A login checks the local password (``ctx.accounts.login``: unknown user and wrong password give
-the same answer after the same delay) and opens the upstream session
-(:func:`gateway.upstream.login.open_upstream`). The errors map to the client's answer:
+the same answer after the same delay) and opens the upstream session (``ctx.connector.open``, a
+:class:`gateway.ports.UpstreamConnector`). The errors map to the client's answer:
 
 ==========================  ===============================================================
 ``AuthenticationFailed``    ``NO [AUTHENTICATIONFAILED]``
@@ -63,7 +63,8 @@ from .imap_relay import ImapRelay
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
-    from ..oauth.accounts import Account
+    from ..ports import LocalAccount
+    from ..upstream.client import UpstreamIMAP
 
 log = logging.getLogger("mailgate.imap")
 
@@ -110,8 +111,8 @@ async def handle_imap(stream: ClientStream, ctx: "GatewayContext") -> None:
 
 @dataclass
 class LoggedIn:
-    account: "Account"
-    upstream: Any  # gateway.upstream.client.UpstreamIMAP
+    account: "LocalAccount"
+    upstream: "UpstreamIMAP"
     pipelined: bytes  # client bytes received after the login command
 
 
@@ -322,17 +323,19 @@ class PreLogin:
         account = None
         try:
             account = await self.ctx.accounts.login(username, password, peer=self.stream.peer_host)
-            upstream = await _open_upstream(account, self.limits)
+            upstream = await self.ctx.connector.open(account)
         except AuthenticationFailed:
             self._publish_failure(username, "bad_credentials")
             log.info("imap %s: login failed for %r", self.stream.peer, username)
             await self.send(_auth_failed(tag))
-            return await self._count_failed_login()
+            await self._count_failed_login()
+            return None
         except ReauthorizationRequired as exc:
             self._publish_failure(username, "reauthorization_required")
             log.warning("imap %s: %s", self.stream.peer, exc)
             await self.send(tagged(b"*", "NO", REAUTHORIZE_ALERT, code="ALERT") + _auth_failed(tag))
-            return await self._count_failed_login()
+            await self._count_failed_login()
+            return None
         except TemporaryFailure as exc:
             self._publish_failure(username, "temporary")
             who = account.name if account is not None else username
@@ -393,8 +396,3 @@ def _ordered(capabilities: frozenset[str] | set[str] | list[str]) -> list[str]:
     first = [c for c in caps if c.upper() in ("IMAP4REV1", "IMAP4REV2")]
     return first + [c for c in caps if c not in first]
 
-
-async def _open_upstream(account: "Account", limits: Any) -> Any:
-    from ..upstream.login import open_upstream  # the upstream package is optional for unit tests
-
-    return await open_upstream(account, limits)

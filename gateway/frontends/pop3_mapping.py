@@ -75,13 +75,12 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from ..errors import MailgateError
 from ..protocol import pop3
-from ..upstream.client import CommandFailed, MessageVanished, UnsafeExpunge
+from ..upstream.client import CommandFailed, MessageVanished, UnsafeExpunge, UpstreamIMAP
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -296,7 +295,7 @@ class Maildrop:
 
     def __init__(
         self,
-        upstream: Any,
+        upstream: UpstreamIMAP,
         *,
         mailbox: str,
         delete_mode: str,
@@ -319,7 +318,7 @@ class Maildrop:
 
     @classmethod
     async def open(
-        cls, upstream: Any, *, mailbox: str, delete_mode: str, size_cache: SizeCache
+        cls, upstream: UpstreamIMAP, *, mailbox: str, delete_mode: str, size_cache: SizeCache
     ) -> Maildrop:
         """SELECT ``mailbox`` and take the snapshot of UIDs, sizes and UIDLs."""
         info = await upstream.select(mailbox)
@@ -533,7 +532,7 @@ class Maildrop:
 Snapshot = list[tuple[int, int, int | None]]  # (uid, RFC822.SIZE, X-GM-MSGID) in mailbox order
 
 
-async def _snapshot(upstream: Any, *, gmail: bool) -> Snapshot:
+async def _snapshot(upstream: UpstreamIMAP, *, gmail: bool) -> Snapshot:
     """UID, RFC822.SIZE (and on Gmail X-GM-MSGID) of every message, in one UID FETCH.
 
     The answers are read by the upstream client's response reader, whose FETCH parse takes

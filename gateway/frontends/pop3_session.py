@@ -60,12 +60,13 @@ from ..errors import (
 )
 from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
-from ..upstream.client import CommandFailed
+from ..upstream.client import CommandFailed, UpstreamIMAP
 from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
     from ..net import ClientStream
+    from ..ports import LocalAccount
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -76,8 +77,6 @@ RECEIVE_SIZE = 65536
 #: The SASL mechanisms offered (APOP and CRAM need the plaintext password: not stored).
 SASL_MECHANISMS = ("PLAIN",)
 IMPLEMENTATION = "mailgate"
-#: Deadline for the polite upstream LOGOUT when a session ends.
-LOGOUT_TIMEOUT = 5.0
 
 GREETING = pop3.ok("mailgate POP3 ready.")
 AUTH_FAILED = pop3.err("Authentication failed.", Code.AUTH)
@@ -145,8 +144,8 @@ class Pop3Session:
         self.state = pop3.SessionState()
         self.writer = BatchedWriter(stream)
         self.bad_commands = 0
-        self.account: Any = None
-        self.upstream: Any = None
+        self.account: LocalAccount | None = None
+        self.upstream: UpstreamIMAP | None = None
         self.maildrop: Maildrop | None = None
         self.lock: MaildropLock | None = None
 
@@ -171,7 +170,7 @@ class Pop3Session:
         with trio.CancelScope(shield=True):
             if self.maildrop is not None and self.upstream is not None:
                 # RETRs of a session that ended without QUIT still count as downloads.
-                with trio.move_on_after(LOGOUT_TIMEOUT):
+                with trio.move_on_after(self.limits.logout_timeout):
                     try:
                         await self.maildrop.flush_seen()
                     except MailgateError as exc:
@@ -179,7 +178,7 @@ class Pop3Session:
                                  self.stream.peer, exc)
             if self.upstream is not None:
                 upstream, self.upstream = self.upstream, None
-                with trio.move_on_after(LOGOUT_TIMEOUT):
+                with trio.move_on_after(self.limits.logout_timeout):
                     try:
                         await upstream.aclose()
                     except Exception:  # closing a broken upstream: nothing left to do
@@ -343,7 +342,7 @@ class Pop3Session:
         if not self.state.quit():
             await self.send(pop3.ok("Logging out."))
             return
-        assert self.maildrop is not None
+        assert self.maildrop is not None and self.account is not None
         try:
             text = await self.maildrop.commit()
         except CommitRefused as exc:
@@ -358,11 +357,8 @@ class Pop3Session:
         await self.send(pop3.ok(f"{text}."))
 
     async def _logout_upstream(self) -> None:
-        with trio.move_on_after(LOGOUT_TIMEOUT):
-            try:
-                await self.upstream.logout()
-            except MailgateError:
-                pass
+        assert self.upstream is not None
+        await self.upstream.logout(self.limits.logout_timeout)
 
     # ------------------------------------------------------------------ the login
 
@@ -377,7 +373,7 @@ class Pop3Session:
                 self._publish_failure(account.name, "in_use")
                 await self.send(IN_USE)
                 return
-            self.upstream = await _open_upstream(account, self.limits)
+            self.upstream = await self.ctx.connector.open(account)
             user = account.user
             self.maildrop = await Maildrop.open(
                 self.upstream,
@@ -526,8 +522,3 @@ class Pop3Session:
         "QUIT": cmd_quit,  # RFC 1939 §4 (AUTHORIZATION), §6 (UPDATE)
     }
 
-
-async def _open_upstream(account: Any, limits: Any) -> Any:
-    from ..upstream.login import open_upstream
-
-    return await open_upstream(account, limits)

@@ -38,6 +38,10 @@ function depends on the provider's flow:
 * ``client_credentials``: the client-credentials grant (Microsoft app-only).
 * ``service_account``: a JWT assertion signed with the service account's key, ``sub`` = user.
 
+Every access and refresh token obtained or unsealed here, and every password verified by a
+derivation, is registered with :func:`gateway.logs.register_secret` (a cached login registers
+nothing: its password was registered when it was verified).
+
 Identity-provider errors are classified: ``invalid_grant`` and other OAuth refusals raise
 ``ReauthorizationRequired`` (recorded in the store's status table for ``mailgate check``; the
 dead grant is not retried until the stored token changes); HTTP 5xx, timeouts and connection
@@ -47,6 +51,7 @@ errors raise ``TemporaryFailure``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -54,18 +59,19 @@ import trio
 
 from ..defence import ALLOW, AuthThrottle
 from ..errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
-from ..upstream.slots import UpstreamSlots
+from ..logs import register_secret
 from . import credentials, grants
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .jwt import ServiceAccountKey
 from .passwords import CredentialCache, KdfPool, burn_verification, verify_password
 from .sealing import SealError, read_key_file, seal, unseal
-from .store import REFRESH_TOKEN, AccountRecord, StateStore, StoreError
+from .store import REFRESH_TOKEN, AccountRecord, StoreError, open_store
 from .tokens import TokenCache
 
 if TYPE_CHECKING:
     from ..config import Config, Limits, ProviderConfig, UserConfig
     from ..events import EventBus
+    from ..ports import CredentialStore
 
 Publish = Callable[[dict[str, Any]], Any]
 
@@ -81,11 +87,12 @@ AUTH_FAILED_MESSAGE = "authentication failed"
 
 
 class Account:
-    """One ``[users.X]`` entry at run time: its upstream identity and its tokens."""
+    """One ``[users.X]`` entry at run time: its upstream identity and its tokens (a
+    :class:`gateway.ports.LocalAccount` and :class:`gateway.ports.AccountView`)."""
 
     def __init__(
         self, name: str, user: "UserConfig", provider: "ProviderConfig", *,
-        store: StateStore, limits: "Limits", publish: Publish | None = None,
+        store: "CredentialStore", limits: "Limits", publish: Publish | None = None,
     ):
         self.name = name
         self.user = user
@@ -100,15 +107,15 @@ class Account:
         self._status_written: str | None = None
         self._publish = publish
         self.login_lock = trio.Lock()
-        # The per-account cap on upstream connections (taken by gateway.upstream.login).
-        self.upstream_slots = UpstreamSlots(
-            name, capacity=limits.upstream_connections_per_account, wait=limits.upstream_slot_wait
-        )
 
     def __repr__(self) -> str:
         return f"<Account {self.name} provider={self.provider.name} flow={self.provider.flow}>"
 
     # --- public API -------------------------------------------------------------------------
+
+    @property
+    def upstream_user(self) -> str:
+        return self.user.upstream_user
 
     @property
     def uses_refresh_token(self) -> bool:
@@ -121,6 +128,13 @@ class Account:
     @property
     def token_mints(self) -> int:
         return self._tokens.mints
+
+    def token_valid_until(self) -> float | None:
+        """Wall-clock expiry of the cached access token, if there is one."""
+        cached = self._tokens.token
+        if cached is None:
+            return None
+        return time.time() + (cached.expires_at - trio.current_time())
 
     def unlock(self, data_key: bytes) -> None:
         if data_key != self._data_key:
@@ -175,6 +189,8 @@ class Account:
             log.error("account %s: state store unavailable: %s", self.name, exc)
             self._event("token.failed", reason="temporary")
             raise TemporaryFailure("credential store unavailable") from None
+        register_secret(answer.access_token)
+        register_secret(answer.refresh_token)
         await self._record_status(STATUS_OK, "")
         self._event("token.refreshed")
         return answer
@@ -188,8 +204,6 @@ class Account:
         """After a config reload: keep the unlocked data key of the same user and provider."""
         if previous.provider.name == self.provider.name:
             self._data_key = previous._data_key
-            if previous.upstream_slots.capacity == self.upstream_slots.capacity:
-                self.upstream_slots = previous.upstream_slots  # running sessions hold its slots
 
     async def _refresh(self, timeout: float) -> TokenResponse:
         stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)
@@ -215,6 +229,7 @@ class Account:
             except SealError:
                 self._data_key = None
                 raise AuthenticationFailed("stored credentials changed; log in again") from None
+            register_secret(refresh_token)
         try:
             answer = await grants.refresh(self.provider, refresh_token, timeout=timeout)
         except OAuthErrorResponse as exc:
@@ -283,12 +298,12 @@ class AccountManager:
     """Local logins and the :class:`Account` objects, one per configured user."""
 
     def __init__(
-        self, config: "Config", *, store: StateStore | None = None,
+        self, config: "Config", *, store: "CredentialStore | None" = None,
         events: "EventBus | None" = None,
     ):
         self.config = config
         self.limits = config.limits
-        self.store = store if store is not None else StateStore(config.server.state_dir)
+        self.store = store if store is not None else open_store(config)
         self.kdf = KdfPool(config.limits.kdf_concurrency)
         self.credentials = CredentialCache()
         # Per-IP / per-user penalties for failed logins (gateway.defence).
@@ -331,6 +346,10 @@ class AccountManager:
             )
             self._accounts[name] = account
         return account
+
+    def view(self, name: str) -> Account | None:
+        """The running Account of ``name`` if one was made (the status page; never creates)."""
+        return self._accounts.get(name)
 
     def _publish(self, event: dict[str, Any]) -> None:
         if self.events is not None:
@@ -404,6 +423,7 @@ class AccountManager:
             return "wrong password"
         if data_key:
             account.unlock(data_key)
+        register_secret(password)  # a verified password never reaches a log line
         self.credentials.remember(account.name, password, record.password_hash)
         return None
 

@@ -27,15 +27,16 @@ from typing import TYPE_CHECKING, Any, TextIO
 import trio
 
 from ..errors import MailgateError
-from . import credentials, flows, grants
-from .accounts import REFRESH_FLOWS, STATUS_NEEDS_REAUTHORIZATION, STATUS_OK
+from . import credentials, flows, grants, lifecycle
+from .accounts import REFRESH_FLOWS, STATUS_NEEDS_REAUTHORIZATION
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .passwords import KdfPool, check_password_policy
-from .sealing import SealError, create_key_file, read_key_file, seal
-from .store import REFRESH_TOKEN, SealedSecret, StateStore, StoreError
+from .sealing import SealError
+from .store import REFRESH_TOKEN, StoreError, open_store
 
 if TYPE_CHECKING:
     from ..config import Config, ProviderConfig, UserConfig
+    from ..ports import CredentialStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -90,14 +91,9 @@ def _user(config: "Config", name: str) -> tuple["UserConfig", "ProviderConfig"]:
     return user, config.provider_for(user)
 
 
-async def _daemon_key(provider: "ProviderConfig", *, create: bool) -> bytes | None:
-    path = provider.key_file
-    if path is None:
-        return None
+async def _daemon_key(provider: "ProviderConfig") -> bytes | None:
     try:
-        if create and not path.exists():
-            return await trio.to_thread.run_sync(create_key_file, path)
-        return await trio.to_thread.run_sync(read_key_file, path)
+        return await lifecycle.daemon_key(provider)
     except (SealError, OSError) as exc:
         raise CommandError(str(exc)) from None
 
@@ -139,51 +135,24 @@ async def _authorize(
     user, provider = _user(config, name)
     if import_token and provider.flow not in REFRESH_FLOWS:
         raise CommandError(f"flow {provider.flow!r} uses no refresh token to import", EXIT_USAGE)
-    store = StateStore(config.server.state_dir)
-    kdf = KdfPool(config.limits.kdf_concurrency)
-    daemon_key = await _daemon_key(provider, create=True)
+    store = open_store(config)
+    daemon_key = await _daemon_key(provider)
     existing = await trio.to_thread.run_sync(store.account, name)
     password = await console.password(
         f"Local password for {name}", new=existing is None
     )
-    if existing is None:
-        record, data_key = await kdf.run(
-            lambda: credentials.new_record(name, provider.name, password, daemon_key=daemon_key)
+    try:
+        answer = await lifecycle.authorize_account(
+            store, KdfPool(config.limits.kdf_concurrency), name=name, provider=provider,
+            password=password, existing=existing, daemon_key=daemon_key,
+            obtain=lambda: _obtain(config, user, provider, console, manual=manual,
+                                   import_token=import_token),
         )
-    else:
-        try:
-            data_key = await kdf.run(
-                lambda: credentials.unlock(existing, password, daemon_key=daemon_key)
-            )
-        except SealError as exc:
-            raise CommandError(str(exc)) from None
-        if data_key is None:
-            raise CommandError(
-                f"wrong local password for {name} (nothing was changed); to set a new one "
-                f"run: mailgate passwd {name} --reset"
-            )
-        record = replace(existing, provider=provider.name)
-        wanted = "keyfile" if daemon_key is not None else "password"
-        if existing.key_wrapping != wanted:
-            record = await kdf.run(
-                lambda: credentials.change_password(record, data_key, password,
-                                                    daemon_key=daemon_key)
-            )
-            record = replace(record, provider=provider.name)
-
-    answer = await _obtain(config, user, provider, console, manual=manual,
-                           import_token=import_token)
-    secrets: dict[str, SealedSecret] = {}
-    if provider.flow in REFRESH_FLOWS:
-        refresh_token = answer.refresh_token
-        if not refresh_token:
-            raise CommandError("the identity provider issued no refresh token (for Google: "
-                               "authorize_params must keep access_type=offline)")
-        sealed = seal(data_key, refresh_token.encode("utf-8"), account=name,
-                      provider=provider.name, kind=REFRESH_TOKEN)
-        secrets[REFRESH_TOKEN] = SealedSecret(provider.name, sealed, 0.0)
-    await trio.to_thread.run_sync(store.save_account, record, secrets)
-    await trio.to_thread.run_sync(store.set_status, name, STATUS_OK, "")
+    except lifecycle.WrongPassword as exc:
+        raise CommandError(f"{exc} (nothing was changed); to set a new one run: "
+                           f"mailgate passwd {name} --reset") from None
+    except (SealError, lifecycle.NoRefreshToken) as exc:
+        raise CommandError(str(exc)) from None
     lifetime = f"{answer.expires_in:.0f} s" if answer.expires_in else "unknown time"
     console.show(f"{name}: authorized with {provider.name} ({provider.flow}); "
                  f"an access token was issued, valid for {lifetime}")
@@ -241,9 +210,9 @@ async def passwd_async(
 
 async def _passwd(config: "Config", name: str, console: _Console, *, reset: bool) -> int:
     _, provider = _user(config, name)
-    store = StateStore(config.server.state_dir)
+    store = open_store(config)
     kdf = KdfPool(config.limits.kdf_concurrency)
-    daemon_key = await _daemon_key(provider, create=True)
+    daemon_key = await _daemon_key(provider)
     existing = await trio.to_thread.run_sync(store.account, name)
     data_key: bytes | None = None
     if existing is not None and not reset:
@@ -290,7 +259,7 @@ def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
     """One line per configured user; exit 1 when any account needs an admin's action.
     Offline: reads the state store only, contacts no identity provider."""
     try:
-        store = StateStore(config.server.state_dir)
+        store = open_store(config)
     except StoreError as exc:
         stdout.write(f"error: {exc}\n")
         return EXIT_FAILED
@@ -305,7 +274,7 @@ def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
     return worst
 
 
-def _account_problem(store: StateStore, name: str, provider: "ProviderConfig") -> str | None:
+def _account_problem(store: "CredentialStore", name: str, provider: "ProviderConfig") -> str | None:
     record = store.account(name)
     if record is None:
         return f"not set up: run: mailgate authorize {name}"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .endpoint import TokenResponse, post_form, request_token
 from .jwt import JWT_BEARER_GRANT, ServiceAccountKey, service_account_assertion
-from .providers import MICROSOFT_APP_ONLY_SCOPE
+from ..presets import MICROSOFT_APP_ONLY_SCOPE
 
 if TYPE_CHECKING:
     from ..config import ProviderConfig
@@ -94,7 +94,7 @@ async def jwt_bearer(
     return await _token(provider, form, timeout)
 
 
-async def start_device_authorization(provider: "ProviderConfig", *, timeout: float) -> dict:
+async def start_device_authorization(provider: "ProviderConfig", *, timeout: float) -> dict[str, Any]:
     """RFC 8628 §3.1: the device_code, user_code, verification_uri, expires_in, interval."""
     assert provider.device_url, "the config requires device_url for flow 'device'"
     form = {**_client(provider), "scope": " ".join(scopes_for(provider))}

@@ -24,6 +24,10 @@ No secret is ever stored in clear.
   this store uses), read with one 4-byte ``pread``: cheap enough for the event loop, so callers
   can cache what they read and re-read only after a change (see
   :class:`gateway.oauth.accounts.AccountManager`).
+
+:class:`StateStore` is the first implementation of :class:`gateway.ports.CredentialStore`.
+:func:`open_store` is the one place a store is made from the configuration: the gateway
+(:func:`gateway.app.build_context`), the commands and ``mailgate check`` all call it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..ports import CredentialStore
 
 STATE_DB_NAME = "mailgate.sqlite3"
 #: Where SQLite keeps its 4-byte big-endian file change counter in the database header.
@@ -262,3 +270,9 @@ class StateStore:
             db.execute("DELETE FROM secrets WHERE account = ?", (name,))
             db.execute("DELETE FROM status WHERE account = ?", (name,))
             db.execute("DELETE FROM accounts WHERE name = ?", (name,))
+
+
+def open_store(config: Config) -> CredentialStore:
+    """The credential store the configuration names (today: the SQLite file in
+    ``server.state_dir``). Raises :class:`StoreError` when it cannot be opened."""
+    return StateStore(config.server.state_dir)

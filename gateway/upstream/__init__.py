@@ -1,4 +1,5 @@
 """The upstream side: an OAuth-authenticated IMAP client shared by the IMAP and POP3 front ends.
 
-``login.open_upstream(account, limits)`` gives an authenticated ``client.UpstreamIMAP``.
+``connector.UpstreamConnector.open(account)`` gives an authenticated ``client.UpstreamIMAP``
+(through ``login.open_upstream``), within the account's connection cap (``slots``).
 """

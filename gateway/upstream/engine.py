@@ -60,7 +60,6 @@ log = logging.getLogger("mailgate.upstream")
 
 __all__ = [
     "LITERAL_STREAM_THRESHOLD",
-    "LOGOUT_TIMEOUT",
     "MAX_COMMAND_LITERAL",
     "CommandFailed",
     "IMAPConnection",
@@ -73,8 +72,6 @@ __all__ = [
 LITERAL_STREAM_THRESHOLD = 64 * 1024
 #: Largest streamed literal ``command()`` will reassemble (bodies belong in ``stream_body``).
 MAX_COMMAND_LITERAL = 16 * 1024 * 1024
-#: How long a polite LOGOUT may take before the connection is simply closed.
-LOGOUT_TIMEOUT = 5.0
 
 _THROTTLED = re.compile(rb"Suggested Backoff Time: *([0-9]+) *milliseconds", re.IGNORECASE)
 
@@ -387,10 +384,11 @@ class IMAPConnection:
 
     # ------------------------------------------------------------------ ending
 
-    async def logout(self) -> None:
-        """Say LOGOUT (bounded by :data:`LOGOUT_TIMEOUT`), then close. Never raises."""
+    async def logout(self, timeout: float) -> None:
+        """Say LOGOUT (for at most ``timeout`` seconds: ``limits.logout_timeout``), then close.
+        Never raises."""
         if not self._closed and not self._broken:
-            with trio.move_on_after(LOGOUT_TIMEOUT):
+            with trio.move_on_after(timeout):
                 try:
                     await self.command(b"LOGOUT")
                 except UpstreamError:

@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-:func:`open_upstream` is what both front ends call after a local login succeeded:
+:func:`open_upstream` is what the upstream connector (:mod:`gateway.upstream.connector`) calls
+for the front ends after a local login succeeded:
 
-1. take a connection slot of the account when it has ``upstream_slots`` (the per-account cap,
-   :mod:`gateway.upstream.slots`); it is released when the connection is closed;
+1. take a connection slot from the account's ``slots`` (the per-account cap,
+   :mod:`gateway.upstream.slots`), if given; it is released when the connection is closed;
 2. :func:`gateway.upstream.client.connect`: TCP, verified TLS (implicit or STARTTLS), greeting,
    capabilities — within ``limits.upstream_connect_timeout``;
 3. ``AUTHENTICATE XOAUTH2`` or ``OAUTHBEARER`` (the provider's ``sasl``), with SASL-IR when
@@ -30,7 +31,7 @@ any other ``BAD``                                        ``UpstreamError``
 
 Events (never with secrets): ``{"type": "upstream.connected", "user", "upstream", "latency_ms"}``
 after a successful login and ``{"type": "upstream.error", "user", "upstream", "reason"}`` on a
-failure, published through ``publish`` (default: the account's own event hook, if it has one).
+failure, published through ``publish`` when one is given.
 
 Neither tokens nor SASL messages are ever logged.
 """
@@ -47,9 +48,11 @@ import trio
 from ..errors import MailgateError, ReauthorizationRequired, TemporaryFailure, UpstreamError
 from ..protocol import sasl
 from .client import UpstreamIMAP, UpstreamResponse, connect
+from .slots import UpstreamSlots
 
 if TYPE_CHECKING:
     from ..config import Limits, ProviderConfig
+    from ..ports import TokenSource
 
 log = logging.getLogger("mailgate.upstream")
 
@@ -123,18 +126,20 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def open_upstream(account: Any, limits: Limits, *, publish: Publish | None = None) -> UpstreamIMAP:
+async def open_upstream(
+    account: TokenSource, limits: Limits, *, slots: UpstreamSlots | None = None,
+    publish: Publish | None = None,
+) -> UpstreamIMAP:
     """An authenticated upstream IMAP connection for ``account`` (see the module docstring).
 
     Raises :class:`~gateway.errors.ReauthorizationRequired`,
     :class:`~gateway.errors.TemporaryFailure` (:class:`~gateway.errors.UpstreamError` for the
     IMAP side) or, from ``account.access_token``, ``AuthenticationFailed``.
     """
-    publish = publish or getattr(account, "_publish", None)
     upstream = account.provider.imap
     started = trio.current_time()
     try:
-        client = await _open(account, limits)
+        client = await _open(account, limits, slots)
     except MailgateError as exc:
         if publish is not None:
             publish({"type": "upstream.error", "user": account.name, "upstream": upstream, "reason": _reason(exc)})
@@ -145,9 +150,10 @@ async def open_upstream(account: Any, limits: Limits, *, publish: Publish | None
     return client
 
 
-async def _open(account: Any, limits: Limits) -> UpstreamIMAP:
+async def _open(
+    account: TokenSource, limits: Limits, slots: UpstreamSlots | None
+) -> UpstreamIMAP:
     provider = account.provider
-    slots = getattr(account, "upstream_slots", None)
     slot = await slots.acquire() if slots is not None else None
     try:
         client = await connect(
@@ -172,9 +178,9 @@ async def _open(account: Any, limits: Limits) -> UpstreamIMAP:
     return client
 
 
-async def _log_in(client: UpstreamIMAP, account: Any) -> None:
+async def _log_in(client: UpstreamIMAP, account: TokenSource) -> None:
     provider = account.provider
-    upstream_user = account.user.upstream_user
+    upstream_user = account.upstream_user
     for attempt in (1, 2):
         token = await account.access_token(force_refresh=attempt == 2)
         response, challenge = await authenticate(client, provider, upstream_user, token)

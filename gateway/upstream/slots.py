@@ -17,8 +17,9 @@ the surplus *wait* instead:
   (:meth:`Slot.release` is idempotent), on every path: the upstream client releases it when it is
   closed, and ``with slot:`` releases it when a login fails half-way.
 
-One :class:`UpstreamSlots` exists per account (the :class:`~gateway.oauth.accounts.Account`
-holds it), so IMAP and POP3 sessions of one account share the same cap. It imports trio but
+One :class:`UpstreamSlots` exists per account (the
+:class:`~gateway.upstream.connector.UpstreamConnector` holds them), so IMAP and POP3 sessions
+of one account share the same cap. It imports trio but
 does no I/O.
 """
 

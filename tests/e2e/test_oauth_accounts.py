@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from gateway.errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
+from gateway.logs import redact
 from gateway.oauth import commands
 from gateway.oauth.accounts import AccountManager
 from gateway.oauth.store import REFRESH_TOKEN, StateStore
@@ -95,6 +96,19 @@ async def test_state_file_holds_no_secret_in_clear(idp, seeded):
     db = StateStore(config.server.state_dir).path
     assert db.stat().st_mode & 0o777 == 0o600
     assert config.server.state_dir.stat().st_mode & 0o777 == 0o700
+
+
+async def test_tokens_are_registered_for_redaction_and_wrong_passwords_are_not(idp, seeded):
+    config, _ = seeded
+    manager = AccountManager(config)
+    account = await manager.login("alice", PASSWORD)
+    access_token = await account.access_token()
+    # Plain text around it: no redaction pattern applies, only the registration.
+    assert redact(f"got {access_token} back") == "got [redacted] back"
+    guess = "guessed wrongly 7"
+    with pytest.raises(AuthenticationFailed):
+        await manager.login("alice", guess)
+    assert redact(f"saw {guess}") == f"saw {guess}"  # a guesser cannot censor the log
 
 
 async def test_rotated_refresh_token_is_persisted_across_a_restart(idp, seeded):

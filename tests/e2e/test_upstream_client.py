@@ -11,7 +11,7 @@ import pytest
 import trio
 import trustme
 
-from gateway.config import Limits, ProviderConfig, UserConfig
+from gateway.config import Limits, ProviderConfig
 from gateway.errors import ReauthorizationRequired, UpstreamError
 from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UnsafeExpunge, UpstreamIMAP, UpstreamNo
 from gateway.upstream.login import open_upstream
@@ -33,13 +33,13 @@ def lab_provider(lab: LabDovecot, oauth: LabOAuthServer, *, port: str = "imaps",
 
 
 class LabAccount:
-    """Just enough of gateway.oauth.accounts.Account: tokens straight from the lab OAuth server."""
+    """A gateway.ports.TokenSource with tokens straight from the lab OAuth server."""
 
     def __init__(self, oauth: LabOAuthServer, user: str, provider: ProviderConfig, *,
                  revoke_fresh: bool = False) -> None:
         self.oauth = oauth
         self.name = user
-        self.user = UserConfig(name=user, provider="lab", upstream_user=user)
+        self.upstream_user = user
         self.provider = provider
         self.refreshes = 0
         self.revoke_fresh = revoke_fresh
@@ -74,7 +74,7 @@ async def test_login_and_select(lab: LabDovecot, oauth_server: LabOAuthServer, l
         assert "\\Seen" in info.flags
         assert await client.fetch_sizes() == []
     finally:
-        await client.logout()
+        await client.logout(5.0)
 
 
 async def test_revoked_token_is_refreshed_once(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
@@ -82,7 +82,7 @@ async def test_revoked_token_is_refreshed_once(lab: LabDovecot, oauth_server: La
     oauth_server.revoke(account.token)
     events: list[dict[str, Any]] = []
     client = await open_upstream(account, LIMITS, publish=events.append)
-    await client.logout()
+    await client.logout(5.0)
     assert account.refreshes == 1
     assert [(e["type"], e["user"]) for e in events] == [("upstream.connected", lab_user)]
 
@@ -103,7 +103,7 @@ async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth
 
 async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
-    account.user = UserConfig(name=lab_user, provider="lab", upstream_user=lab.new_user())
+    account.upstream_user = lab.new_user()
     with pytest.raises(ReauthorizationRequired):
         await open_upstream(account, LIMITS)
 
@@ -158,7 +158,7 @@ async def test_fetch_sizes_and_bodies_match_direct_fetch(lab: LabDovecot, oauth_
             pass
         assert b"\\Seen" not in (await client.fetch_attrs([uids[1]], b"FLAGS"))[uids[1]][b"FLAGS"]
     finally:
-        await client.logout()
+        await client.logout(5.0)
     assert "\\Seen" not in seed.flags(lab, lab_user, uids[0])  # BODY.PEEK leaves no trace
 
 
@@ -182,7 +182,7 @@ async def test_vanished_message(lab: LabDovecot, oauth_server: LabOAuthServer, l
                 pass
         assert (await client.command(b"NOOP")).ok
     finally:
-        await client.logout()
+        await client.logout(5.0)
 
 
 def _expunge_directly(lab: LabDovecot, user: str, uid: int) -> None:
@@ -225,7 +225,7 @@ async def test_big_body_streams_with_bounded_memory(lab: LabDovecot, oauth_serve
             if not was_tracing:
                 tracemalloc.stop()
     finally:
-        await client.logout()
+        await client.logout(5.0)
     assert total == size == body.size
     assert digest.hexdigest() == big_message_sha256(size)
     assert max_chunk <= RECEIVE_SIZE
@@ -253,7 +253,7 @@ async def test_store_expunge_move_and_special_use(lab: LabDovecot, oauth_server:
         assert seed.list_uids(lab, lab_user) == [uids[0], uids[2]]
         assert len(seed.list_uids(lab, lab_user, "Trash")) == 1
     finally:
-        await client.logout()
+        await client.logout(5.0)
 
 
 async def test_without_uidplus_the_client_refuses_to_expunge(lab: LabDovecot, oauth_server: LabOAuthServer,
@@ -272,7 +272,7 @@ async def test_without_uidplus_the_client_refuses_to_expunge(lab: LabDovecot, oa
             await client.uid_move([uids[1]], "Trash")  # its fallback would end in EXPUNGE
         assert (await client.command(b"NOOP")).ok  # still usable
     finally:
-        await client.logout()
+        await client.logout(5.0)
     assert seed.list_uids(lab, lab_user) == uids  # nothing expunged
     assert seed.list_uids(lab, lab_user, "Trash") == []  # nothing copied
 
@@ -328,9 +328,9 @@ async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth
     from gateway.upstream.slots import UpstreamSlots
 
     account = LabAccount(oauth_server, lab_user, lab_provider(lab, oauth_server))
-    account.upstream_slots = UpstreamSlots(lab_user, capacity=1, wait=0)  # type: ignore[attr-defined]
-    client = await open_upstream(account, LIMITS)
-    assert account.upstream_slots.in_use == 1  # type: ignore[attr-defined]
+    slots = UpstreamSlots(lab_user, capacity=1, wait=0)
+    client = await open_upstream(account, LIMITS, slots=slots)
+    assert slots.in_use == 1
     stream, buffered = client.detach()
     assert buffered == b""
     await stream.send_all(b"x1 NOOP\r\n")
@@ -339,10 +339,11 @@ async def test_detach_hands_over_stream_and_releases_slot(lab: LabDovecot, oauth
         answer += await stream.receive_some(4096)
     assert b"x1 OK" in answer
     await stream.aclose()
-    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
-    client2 = await open_upstream(account, LIMITS)
-    await client2.logout()
-    assert account.upstream_slots.in_use == 0  # type: ignore[attr-defined]
+    assert slots.in_use == 0
+    client2 = await open_upstream(account, LIMITS, slots=slots)
+    assert slots.in_use == 1
+    await client2.logout(5.0)
+    assert slots.in_use == 0
 
 
 async def test_server_bye_and_kick_become_upstream_error(lab: LabDovecot, oauth_server: LabOAuthServer,
@@ -370,7 +371,7 @@ async def test_partial_fetch_past_the_end_is_empty(lab: LabDovecot, oauth_server
             assert [c async for c in body] == []
         assert body.size == 0
     finally:
-        await client.logout()
+        await client.logout(5.0)
 
 
 async def test_cancelled_command_makes_connection_unusable(lab: LabDovecot, oauth_server: LabOAuthServer,
@@ -389,4 +390,4 @@ async def test_cancelled_command_makes_connection_unusable(lab: LabDovecot, oaut
         with pytest.raises(UpstreamError, match="unusable"):
             await client.command(b"NOOP")
     finally:
-        await client.logout()
+        await client.logout(5.0)

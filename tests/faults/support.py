@@ -126,7 +126,7 @@ class Rig:
     # -- the gateway's resources
 
     def slots_in_use(self) -> int:
-        return self.server.ctx.accounts.account(USER).upstream_slots.in_use
+        return self.server.ctx.connector.slots(USER).in_use  # type: ignore[attr-defined]
 
     async def settled(self) -> None:
         """Wait until no client session, upstream slot or upstream connection is left."""

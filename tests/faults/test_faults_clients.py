@@ -279,7 +279,7 @@ async def test_upstream_connections_per_account_are_capped(
     # mailgate never held more than two: the slot is released only once the old upstream
     # connection is closed. (The proxy may briefly count three: it notices that close a moment
     # after mailgate made it, so its own count is only exact while nothing is closing.)
-    assert rig.server.ctx.accounts.account("alice").upstream_slots.peak == 2
+    assert rig.server.ctx.connector.slots("alice").peak == 2  # type: ignore[attr-defined]
     await pop.command("QUIT")
     await pop.eof()
     await sessions[1].command(b"z LOGOUT")

@@ -18,9 +18,9 @@ from trio_websocket import ConnectionClosed, open_websocket_url, wrap_client_str
 
 from gateway.admin.http import serve_admin
 from gateway.config import AdminSection
+from gateway.app import build_context
 from gateway.context import GatewayContext
 from gateway.errors import ConfigError
-from gateway.events import EventBus
 from gateway.net import ClientStream
 from gateway.server import GatewayServer
 
@@ -31,7 +31,6 @@ ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 
 async def _echo(stream: ClientStream, ctx: GatewayContext) -> None:
     stream.user = "alice"
-    stream.state = "authenticated"
     ctx.events.publish({"type": "session.authenticated", "protocol": stream.listener.protocol,
                         "peer": stream.peer, "user": "alice"})
     while True:
@@ -51,7 +50,7 @@ def _config(tmp_path: Path, **admin: Any):
 
 
 async def _start(nursery: trio.Nursery, cfg) -> tuple[GatewayServer, str]:  # type: ignore[no-untyped-def]
-    ctx = GatewayContext(config=cfg, accounts=None, events=EventBus())  # type: ignore[arg-type]
+    ctx = build_context(cfg)
     server = GatewayServer(ctx, handlers={"pop3": _echo})
     await nursery.start(server.run)
     await nursery.start(serve_admin, server)
@@ -156,7 +155,7 @@ async def test_refuses_to_start_reachable_without_a_token(tmp_path: Path) -> Non
     cfg = _config(tmp_path)
     open_admin = AdminSection.model_construct(bind="0.0.0.0:0", enabled=True, token=None)
     cfg = cfg.model_copy(update={"admin": open_admin})
-    server = GatewayServer(GatewayContext(config=cfg, accounts=None, events=EventBus()))  # type: ignore[arg-type]
+    server = GatewayServer(build_context(cfg))
     with pytest.raises(ConfigError, match="admin.token"):
         await serve_admin(server)
 

@@ -18,6 +18,7 @@ from gateway.admin.metrics import LiveState, Metrics
 from gateway.admin.routes import _safe_next
 from gateway.admin.wire import Request, parse_cookies, parse_form
 from gateway.config import AdminSection, Config
+from gateway.oauth.store import open_store
 from tests.fixtures.gateway import make_config
 
 
@@ -279,13 +280,14 @@ def test_web_authorization_start(tmp_path: Path) -> None:
 
 async def test_web_authorization_callback_refusals(tmp_path: Path) -> None:
     config = _auth_config(tmp_path)
+    store = open_store(config)
     flows = WebAuthorizations()
     url = flows.start(config, "alice", base_url="http://127.0.0.1:8025")
     state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["state"]
     with pytest.raises(WebFlowError, match="unknown, expired or already used"):
-        await flows.callback(config, {"state": "forged", "code": "c"})
+        await flows.callback(config, store, {"state": "forged", "code": "c"})
     with pytest.raises(WebFlowError, match=r"refused the authorization \(access_denied\)"):
-        await flows.callback(config, {"state": state, "error": "access_denied"})
+        await flows.callback(config, store, {"state": state, "error": "access_denied"})
     assert len(flows) == 0  # a refused authorization is forgotten
     with pytest.raises(WebFlowError, match="unknown"):
-        await flows.callback(config, {"state": state, "code": "c"})
+        await flows.callback(config, store, {"state": state, "code": "c"})

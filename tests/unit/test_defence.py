@@ -250,6 +250,7 @@ def test_capacity_must_be_positive() -> None:
 
 from gateway.errors import AuthenticationFailed  # noqa: E402
 from gateway.oauth.accounts import AccountManager  # noqa: E402
+from gateway.upstream.connector import UpstreamConnector  # noqa: E402
 from tests.fixtures.oauth import PASSWORD, make_config, seed_account  # noqa: E402
 
 REFUSE_AFTER = 3  # a small threshold keeps these tests to a few derivations
@@ -323,9 +324,11 @@ async def test_penalty_delay_is_served_before_the_check(manager: AccountManager)
 async def test_a_reload_keeps_penalties_and_slots(manager: AccountManager, idp, tmp_path) -> None:  # type: ignore[no-untyped-def]
     for _ in range(REFUSE_AFTER):
         await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.1")
-    slots = manager.account("alice").upstream_slots
+    connector = UpstreamConnector(manager.config)
+    slots = connector.slots("alice")
     config = make_config(idp, tmp_path, limits={"auth_failure_delay": 1.5})
     manager.update_config(config)
+    connector.update_config(config)
     assert manager.throttle.check("192.0.2.1", "alice").refuse  # a SIGHUP forgives nothing
     assert manager.throttle.base_delay == 1.5
-    assert manager.account("alice").upstream_slots is slots  # running sessions keep their cap
+    assert connector.slots("alice") is slots  # running sessions keep their cap

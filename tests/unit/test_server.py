@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from gateway.certs import ensure_certificate
+from gateway.app import build_context
 from gateway.context import GatewayContext
-from gateway.events import EventBus
 from gateway.net import ClientStream
 from gateway.server import GatewayServer
 
@@ -48,7 +48,7 @@ async def _greeter(stream: ClientStream, ctx: GatewayContext) -> None:
 
 
 async def _start(nursery: trio.Nursery, cfg, handler=_greeter) -> GatewayServer:
-    ctx = GatewayContext(config=cfg, accounts=None, events=EventBus())  # type: ignore[arg-type]
+    ctx = build_context(cfg)
     server = GatewayServer(ctx, handlers={"imap": handler, "pop3": handler})
     await nursery.start(server.run)
     return server

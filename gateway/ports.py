@@ -1,0 +1,163 @@
+"""The seams between mailgate's packages, named as :class:`typing.Protocol` classes.
+
+Theory of operation
+-------------------
+Rules first:
+
+1. A package hands another package only what a protocol below names. The front ends see an
+   :class:`Accounts` (local logins) and an :class:`UpstreamConnector` (logged-in upstream
+   connections); the upstream login sees a :class:`TokenSource`; the OAuth code and the admin
+   plane see a :class:`CredentialStore`; the status page sees :class:`AccountView`\\ s.
+2. The concrete objects are built once, by :func:`gateway.app.build_context`, and carried by
+   the :class:`~gateway.context.GatewayContext`; nobody imports a concrete class across a seam
+   to construct it, and nobody reads another package's private attributes.
+3. Every protocol is satisfied structurally (no inheritance): the concrete classes are
+   :class:`gateway.oauth.accounts.AccountManager` / ``Account``,
+   :class:`gateway.upstream.connector.UpstreamConnector` and
+   :class:`gateway.oauth.store.StateStore` (SQLite; a PostgreSQL store is a second
+   implementation of :class:`CredentialStore`). Tests put fakes behind the same protocols, and
+   ``mypy --strict`` checks that the concrete classes fit (``tests/test_ports.py``).
+
+This module only names types: it does no I/O and imports nothing at run time but ``typing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from .config import Config, ProviderConfig, UserConfig
+    from .oauth.store import AccountRecord, AccountStatus, SealedSecret
+    from .upstream.client import UpstreamIMAP
+
+T = TypeVar("T")
+
+__all__ = [
+    "AccountView",
+    "Accounts",
+    "CredentialStore",
+    "KdfRunner",
+    "LocalAccount",
+    "TokenSource",
+    "UpstreamConnector",
+]
+
+
+class TokenSource(Protocol):
+    """An upstream identity and its OAuth 2.0 access tokens (what the upstream login needs)."""
+
+    @property
+    def name(self) -> str:
+        """The ``[users.X]`` key (for logs, events and the per-account connection cap)."""
+        ...
+
+    @property
+    def upstream_user(self) -> str:
+        """The upstream mailbox: the ``user=`` of XOAUTH2 / OAUTHBEARER."""
+        ...
+
+    @property
+    def provider(self) -> ProviderConfig: ...
+
+    async def access_token(self, *, force_refresh: bool = False) -> str:
+        """A valid access token; ``force_refresh`` after the upstream server rejected one.
+        Raises ``ReauthorizationRequired``, ``TemporaryFailure`` or ``AuthenticationFailed``."""
+        ...
+
+
+class LocalAccount(TokenSource, Protocol):
+    """What a successful local login yields: the token source plus the user's configuration."""
+
+    @property
+    def user(self) -> UserConfig: ...
+
+
+class AccountView(Protocol):
+    """A running account as the status page may see it: nothing secret."""
+
+    @property
+    def name(self) -> str: ...
+
+    def token_valid_until(self) -> float | None:
+        """Wall-clock expiry (``time.time()`` scale) of the cached access token, if any."""
+        ...
+
+
+class KdfRunner(Protocol):
+    """The bounded pool that runs slow password derivations off the event loop."""
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T: ...
+
+
+class Accounts(Protocol):
+    """Local logins and the running accounts (the OAuth package's side of the seam)."""
+
+    @property
+    def kdf(self) -> KdfRunner: ...
+
+    async def login(self, username: str, password: str, *, peer: str | None = None) -> LocalAccount:
+        """Check a client's local password; raises ``AuthenticationFailed`` (always the same
+        answer), ``ReauthorizationRequired`` or ``TemporaryFailure``."""
+        ...
+
+    def view(self, name: str) -> AccountView | None:
+        """The running account of a configured user, if one was used since the start."""
+        ...
+
+    def update_config(self, config: Config) -> None:
+        """SIGHUP: new sessions see the new users and providers."""
+        ...
+
+
+class UpstreamConnector(Protocol):
+    """Opens logged-in upstream IMAP connections and owns the per-account connection caps.
+
+    The release path: the returned connection holds its account's slot (see
+    :mod:`gateway.upstream.slots`) and gives it back when it is closed -- ``aclose()`` or
+    ``logout()``, or closing the stream it hands to the IMAP relay with ``detach()``. Callers
+    therefore close what :meth:`open` returned on every path, and nothing else.
+    """
+
+    async def open(self, account: TokenSource) -> UpstreamIMAP:
+        """Connect, authenticate with the account's token (one refresh-and-retry). Raises
+        ``ReauthorizationRequired``, ``TemporaryFailure`` (``UpstreamError`` for the IMAP
+        side) or ``AuthenticationFailed``."""
+        ...
+
+    def update_config(self, config: Config) -> None:
+        """SIGHUP: new limits; running sessions keep the slots they hold."""
+        ...
+
+
+class CredentialStore(Protocol):
+    """Per-account credentials at rest: verifier, wrapped data key, sealed secrets, status.
+
+    Methods block (file or network I/O); async callers run them in a worker thread. Every
+    write is atomic. Failures raise :class:`gateway.oauth.store.StoreError`.
+    """
+
+    def change_stamp(self) -> Hashable:
+        """A cheap value that changes whenever anyone writes the store (``OSError`` when it
+        cannot be taken: callers then read the store directly)."""
+        ...
+
+    def account(self, name: str) -> AccountRecord | None: ...
+
+    def account_names(self) -> list[str]: ...
+
+    def secret(self, account: str, kind: str = ...) -> SealedSecret | None: ...
+
+    def status(self, account: str) -> AccountStatus | None: ...
+
+    def save_account(
+        self, record: AccountRecord, secrets: dict[str, SealedSecret] | None = None
+    ) -> None:
+        """Create or replace an account; with ``secrets``, replace all its secrets at once."""
+        ...
+
+    def save_secret(self, account: str, kind: str, provider: str, sealed: bytes) -> None: ...
+
+    def set_status(self, account: str, state: str, detail: str = "") -> None: ...
+
+    def delete_account(self, name: str) -> None: ...
