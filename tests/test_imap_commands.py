@@ -19,6 +19,7 @@ from gateway.protocol.imap_commands import (
     Forward,
     LiteralContinue,
     ProtocolError,
+    Reply,
     astring,
     bye,
     capability_response,
@@ -265,7 +266,7 @@ def test_relay_streams_literal_octets() -> None:
     r = relay()
     evs = events(r, b"a APPEND INBOX {10}\r\n")
     assert evs == [CommandLine(b"a", b"APPEND", b"INBOX ", b"a APPEND INBOX {10}\r\n", 10)]
-    assert r.continuation_seen() is False  # the client asked for this "+": relay it
+    assert r.state.continuation() is True  # the client asked for this "+": relay it
     assert events(r, b"0123") == [Forward(b"0123")]
     assert events(r, b"456789\r\nb NOOP\r\n") == [
         Forward(b"456789"),
@@ -278,9 +279,9 @@ def test_relay_rewrites_large_nonsync_literal_and_waits() -> None:
     r = relay(4096)
     evs = events(r, b"a APPEND INBOX {5000+}\r\n" + b"x" * 100)
     assert evs == [CommandLine(b"a", b"APPEND", b"INBOX ", b"a APPEND INBOX {5000}\r\n", 5000), AwaitContinuation(b"a")]
-    assert r.awaiting_continuation
-    assert r.continuation_seen() is True  # mailgate's own: swallow it
-    assert not r.awaiting_continuation
+    assert r.state.awaiting_continuation
+    assert r.state.continuation() is False  # mailgate's own: swallow it
+    assert not r.state.awaiting_continuation
     assert forwarded(events(r, b"x" * 4900 + b"\r\n")) == b"x" * 5000 + b"\r\n"
 
 
@@ -297,7 +298,7 @@ def test_relay_keeps_small_nonsync_literal() -> None:
 def test_relay_discards_rewritten_literal_refused_by_upstream() -> None:
     r = relay(4096)
     events(r, b"a APPEND INBOX {5000+}\r\n")
-    r.command_finished(b"a")  # "a NO [TOOBIG]" instead of "+"
+    assert r.state.tagged(b"a", b"NO") == b""  # "a NO [TOOBIG]" instead of "+"
     evs = events(r, b"z" * 5000 + b" {3+}\r\nabc\r\nb NOOP\r\n")
     assert evs == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
@@ -305,49 +306,56 @@ def test_relay_discards_rewritten_literal_refused_by_upstream() -> None:
 def test_relay_sync_literal_refused_by_upstream() -> None:
     r = relay()
     events(r, b"a APPEND INBOX {10}\r\n")
-    r.command_finished(b"a")  # the client will not send the literal
+    assert r.state.tagged(b"a", b"NO") == b""  # the client will not send the literal
     assert events(r, b"b NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
 
 def test_relay_idle_done() -> None:
     r = relay()
     evs = events(r, b"i IDLE\r\n")
-    assert evs[0].name == b"IDLE" and r.idle_tag == b"i"
-    assert r.continuation_seen() is False
+    assert evs[0].name == b"IDLE" and r.state.idling and r.state.tag == b"i"
+    assert r.state.continuation() is True
     assert events(r, b"done\r\n") == [Forward(b"done\r\n")]
-    assert r.idle_tag is None
-    r.command_finished(b"i")
+    assert not r.state.idling
+    r.state.tagged(b"i", b"OK")
     assert events(r, b"n NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_idle_refused_by_upstream() -> None:
     r = relay()
     events(r, b"i IDLE\r\n")
-    r.command_finished(b"i")  # "i NO" instead of "+ idling"
-    assert r.idle_tag is None
+    r.state.tagged(b"i", b"NO")  # "i NO" instead of "+ idling"
+    assert not r.state.idling
     assert events(r, b"j NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_refuse_command_skips_nonsync_literal() -> None:
     r = relay()
-    (cl,) = events(r, b"a LOGIN {3+}\r\n")
-    assert cl.name == b"LOGIN"
-    r.refuse_command()
+    assert events(r, b"a LOGIN {3+}\r\n") == [Reply(b"a BAD Already logged in.\r\n")]
     assert events(r, b"bob {2+}\r\npw\r\nb NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
 
 def test_relay_refuse_command_with_sync_literal() -> None:
     r = relay()
-    events(r, b"a LOGIN {3}\r\n")
-    r.refuse_command()
+    assert events(r, b"a LOGIN {3}\r\n") == [Reply(b"a BAD Already logged in.\r\n")]
     assert events(r, b"b NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_refuse_rewritten_literal_drops_await() -> None:
     r = relay(4096)
-    (cl,) = events(r, b"a COMPRESS {5000+}\r\n")[:1]
-    r.refuse_command()
+    assert events(r, b"a COMPRESS {5000+}\r\n") == [Reply(b"a BAD COMPRESS is not supported by this server.\r\n")]
     assert events(r, b"q" * 5000 + b"\r\nb NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
+
+
+def test_relay_refused_command_answer_waits_for_earlier_commands() -> None:
+    r = relay()
+    evs = events(r, b"i IDLE\r\nDONE\r\nx STARTTLS\r\nn NOOP\r\ny LOGIN {2+}\r\nab\r\n")
+    assert forwarded(evs) == b"i IDLE\r\nDONE\r\nn NOOP\r\n"
+    assert not any(isinstance(e, Reply) for e in evs)  # both wait: their BAD comes later
+    assert r.state.continuation() is True  # "+ idling"
+    assert r.state.tagged(b"i", b"OK") == b"x BAD STARTTLS is not available after login.\r\n"
+    assert r.state.tagged(b"n", b"OK") == b"y BAD Already logged in.\r\n"
+    assert events(r, b"z STARTTLS\r\n") == [Reply(b"z BAD STARTTLS is not available after login.\r\n")]
 
 
 def test_relay_limits() -> None:
@@ -427,7 +435,7 @@ def test_relay_forwards_any_split_identically(case: tuple, cuts: list[int]) -> N
         while (ev := r.next_event()) is not NEED_DATA:
             out.append(ev)
             if isinstance(ev, AwaitContinuation):  # the upstream answers "+" to the rewritten {n}
-                assert r.continuation_seen() is True
+                assert r.state.continuation() is False
     assert forwarded(out) == b"".join(c[2] for c in cmds)
     assert [(e.tag, e.name) for e in out if isinstance(e, CommandLine)] == [(c[1].tag, c[1].name) for c in cmds]
 
@@ -447,7 +455,7 @@ def test_reader_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[i
 @given(
     st.binary(max_size=600),
     st.lists(st.integers(min_value=0), max_size=6),
-    st.lists(st.sampled_from(["plus", "tagged", "refuse"]), max_size=4),
+    st.lists(st.sampled_from(["plus", "tagged"]), max_size=4),
 )
 def test_relay_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int], reports: list[str]) -> None:
     r = CommandRelay(max_line=512, max_literal=1000, nonsync_literal_limit=10)
@@ -457,10 +465,8 @@ def test_relay_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[in
             while (ev := r.next_event()) is not NEED_DATA:
                 action = reports.pop() if reports else None
                 if action == "plus":
-                    r.continuation_seen()
+                    r.state.continuation()
                 elif action == "tagged" and isinstance(ev, CommandLine):
-                    r.command_finished(ev.tag)
-                elif action == "refuse" and isinstance(ev, CommandLine):
-                    r.refuse_command()
+                    r.state.tagged(ev.tag, b"NO")
     except ProtocolError:
         pass
