@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,6 +35,7 @@ from gateway.protocol.imap_commands import (
     rewrite_nonsync_literal,
     tagged,
 )
+from gateway.protocol.imap_relay_state import REFUSED
 from tests.splits import split_at
 
 
@@ -438,6 +441,50 @@ def test_relay_forwards_any_split_identically(case: tuple, cuts: list[int]) -> N
                 assert r.state.continuation() is False
     assert forwarded(out) == b"".join(c[2] for c in cmds)
     assert [(e.tag, e.name) for e in out if isinstance(e, CommandLine)] == [(c[1].tag, c[1].name) for c in cmds]
+
+
+def _until_sync_literal(command: bytes) -> bytes:
+    """What a client sends of a command that gets BAD: up to its first ``{n}`` (it waits for a
+    "+" that never comes), or all of it."""
+    pos = 0
+    while (end := command.find(b"\n", pos) + 1) > 0:
+        m = re.search(rb"\{(\d+)(\+?)\}\r\n\Z", command[pos:end])
+        if m and not m.group(2):
+            return command[:end]
+        pos = end + (int(m.group(1)) if m else 0)
+    return command
+
+
+@settings(max_examples=200, deadline=None)
+@given(_relay_case(), st.lists(st.booleans(), min_size=4, max_size=4), st.sampled_from(sorted(REFUSED)),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_relay_drops_refused_commands_whole(case: tuple, refuse: list[bool], name: bytes, cuts: list[int]) -> None:
+    """A refused command (literals of any kind included) is never forwarded, in any split, and
+    gets exactly one BAD, in command order."""
+    limit, cmds = case
+    wire, kept = [], []
+    for i, (data, cmd, relayed) in enumerate(cmds):
+        if refuse[i]:
+            data = _until_sync_literal(cmd.tag + b" " + name + data[len(cmd.tag) + 1 + len(cmd.name) :])
+        else:
+            kept.append(relayed)
+        wire.append(data)
+    r = relay(limit)
+    out = []
+    for piece in split_at(b"".join(wire), cuts):
+        r.receive_data(piece)
+        while (ev := r.next_event()) is not NEED_DATA:
+            out.append(ev)
+            if isinstance(ev, AwaitContinuation):
+                assert r.state.continuation() is False
+    bad = b"".join(e.data for e in out if isinstance(e, Reply))  # due at once: nothing before
+    for ev in out:  # the upstream answers after the whole input, in order
+        if isinstance(ev, CommandLine):
+            bad += r.state.tagged(ev.tag, b"OK")
+    assert forwarded(out) == b"".join(kept)
+    refused_tags = [c[1].tag for i, c in enumerate(cmds) if refuse[i]]
+    assert [line.split(b" ")[:2] for line in bad.splitlines()] == [[t, b"BAD"] for t in refused_tags]
+    assert r.state.in_flight == 0 and not r.state.in_command
 
 
 @settings(max_examples=300, deadline=None)
