@@ -322,7 +322,7 @@ class ImapRelay:
             with trio.CancelScope() as stalled:
                 self._upstream_wait = stalled
                 self._arm_stall_deadline()
-                data = await self._up_stream.receive_some(RECEIVE_SIZE)
+                data: bytes = await self._up_stream.receive_some(RECEIVE_SIZE)
         except (*_UPSTREAM_GONE, OSError):
             data = b""
         finally:

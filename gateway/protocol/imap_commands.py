@@ -641,11 +641,9 @@ class CommandRelay:
         if refusal is not None:
             return Reply(refusal.answer) if refusal.due else None
         arguments = text[args_at + 1 :] if args_at < len(text) else b""
-        literal = None if kind is Event.LINE else self._literal_left
-        return CommandLine(
-            tag=tag, name=name, arguments=arguments, data=self._rewritten(line, kind),
-            literal=literal,
-        )
+        if kind is Event.LINE:
+            return CommandLine(tag, name, arguments, line, None)
+        return CommandLine(tag, name, arguments, self._rewritten(line, kind), self._literal_left)
 
 
 # --------------------------------------------------------------------------- responses

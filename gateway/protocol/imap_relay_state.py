@@ -79,6 +79,10 @@ REFUSED: Final[Mapping[bytes, bytes]] = {
 class Phase(enum.Enum):
     """Where the client is in its current command (the table in the module docstring)."""
 
+    # Members are singletons compared by identity: hash them so too (Enum's own __hash__ is
+    # Python code, and the table is looked up for every command line).
+    __hash__ = object.__hash__
+
     COMMAND = "command"
     LINE = "line"
     LITERAL = "literal"
@@ -91,6 +95,8 @@ class Phase(enum.Enum):
 
 class Event(enum.Enum):
     """What moves the phase: the client's lines and literals, the relay's refusal, the upstream."""
+
+    __hash__ = object.__hash__
 
     LINE = "line"  # a line with no literal at its end (while idling: any line but DONE)
     SYNC_LITERAL = "{n}"  # a line announcing a synchronizing literal
@@ -185,7 +191,7 @@ _KIND_OF: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _InFlight:
     tag: bytes
     kind: _Kind
@@ -221,8 +227,10 @@ class RelayState:
         """
         if name == b"IDLE" and event is Event.LINE:
             event = Event.IDLE
+        if self.phase is not Phase.COMMAND:
+            raise RuntimeError(f"a command cannot start in phase {self.phase.name}")
         self.tag = tag
-        self._fire(event)
+        self.phase = TRANSITIONS[Phase.COMMAND][event]
         reason = REFUSED.get(name)
         if reason is not None:
             self._fire(Event.REFUSED)
