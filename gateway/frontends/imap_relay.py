@@ -278,7 +278,7 @@ class ImapRelay:
 
     async def _upstream_to_client(self) -> None:
         batch = bytearray()
-        holding = False  # the output lock, held while a response is partly written
+        holding = False  # the output lock, held while a received response is not all written
         try:
             while True:
                 data, self._up_pending = self._up_pending, b""
