@@ -11,7 +11,8 @@ Rule 2: this module frames no bytes and does no I/O. :class:`~gateway.protocol.i
 CommandRelay` frames the client's stream and reports each line and literal end as an
 :class:`Event`; the driver (``gateway.frontends.imap_relay``) reports the upstream's ``+``,
 tagged responses and ``* BYE``, and executes what comes back (forward or drop, relay or
-swallow, write mailgate's own answer now or later). Neither keeps state of its own.
+swallow, write mailgate's own answer now or later). Neither keeps session state of its own
+(the framer counts the octets left of a literal, nothing more).
 
 Rule 3: responses reach the client in command order. A command mailgate answers itself
 (:data:`REFUSED`) is answered once every command the client sent before it has had its tagged
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "LITERAL_PHASES",
     "LOGOUT_COMMAND",
     "REFUSED",
     "TRANSITIONS",
@@ -230,7 +232,7 @@ class RelayState:
         if self.phase is not Phase.COMMAND:
             raise RuntimeError(f"a command cannot start in phase {self.phase.name}")
         self.tag = tag
-        self.phase = TRANSITIONS[Phase.COMMAND][event]
+        self._fire(event)
         reason = REFUSED.get(name)
         if reason is not None:
             self._fire(Event.REFUSED)
