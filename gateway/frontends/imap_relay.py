@@ -6,27 +6,32 @@ Two tasks run in one nursery; when either ends, the other is cancelled:
 
 ``client → upstream``
     Feeds the client's bytes to :class:`~gateway.protocol.imap_commands.CommandRelay`, which
-    frames commands just enough to keep state (current command, literals, IDLE) and streams
-    literal octets through in chunks. Commands mailgate must not pass on are answered here:
-    ``STARTTLS``, ``COMPRESS`` (mailgate relays plain streams only; it is never advertised),
-    ``LOGIN``/``AUTHENTICATE`` (already logged in). A client's ``{n+}`` bigger than the
-    upstream's LITERAL- limit is sent as ``{n}``: this task then waits for the upstream's ``+``
-    before sending the literal (``upstream_command_timeout``). Bytes go out in writes of up to
+    frames commands just enough to keep state and streams literal octets through in chunks.
+    Commands mailgate must not pass on (``STARTTLS``, ``COMPRESS``, ``LOGIN``,
+    ``AUTHENTICATE``) come out as a :class:`~gateway.protocol.imap_commands.Reply` when their
+    ``BAD`` is due, which this task writes. A client's ``{n+}`` bigger than the upstream's
+    LITERAL- limit is sent as ``{n}``: this task then waits for the upstream's ``+`` before
+    sending the literal (``upstream_command_timeout``). Bytes go out in writes of up to
     :data:`WRITE_BATCH`. The client's silence is bounded by ``limits.imap_idle_timeout``
     (≥ 30 minutes, RFC 3501 §5.4).
 
 ``upstream → client``
     Feeds the upstream's bytes to :class:`~gateway.protocol.imap_passthrough.ResponseScanner`,
     which passes them through untouched (slices, no copy of literal data) except for capability
-    lists, and reports ``+``, tagged responses and ``* BYE``. A ``+`` answering mailgate's own
-    rewritten literal is swallowed; tagged responses tell the client framer that a refused
-    literal or IDLE is over. Output is batched: written when :data:`WRITE_BATCH` bytes are
+    lists, and reports ``+``, tagged responses and ``* BYE``, which this task passes to the
+    session's :class:`~gateway.protocol.imap_relay_state.RelayState` and does as it answers: a
+    ``+`` answering mailgate's own rewritten literal is swallowed, and a tagged response may
+    release mailgate's own answers to later commands, written right after it (responses keep
+    command order). Output is batched: written when :data:`WRITE_BATCH` bytes are
     waiting or when the upstream's data ends at a response boundary, so a 50 MB FETCH moves in
     64 KiB writes and costs one batch of memory, while an IDLE ``* 3 EXISTS`` goes out at once.
 
+All the state is the ``RelayState``'s (rule 1 of its module); this module only executes.
+
 Both tasks write to the client, so writes are serialised by a lock that the upstream task holds
-from the first byte of a response to its end: mailgate's own answers (``BAD`` for a refused
-command, a farewell ``* BYE``) only ever land between two responses, never inside a literal.
+from the first byte of a response it has received (written or still batched) to its end:
+mailgate's own answers (``BAD`` for a refused command, a farewell ``* BYE``) only ever land
+between two responses, never inside a literal, and never before a response already received.
 
 A stalled upstream: while a command sent upstream awaits its tagged answer (IDLE excepted) or
 a response is half received, the upstream must send something within
@@ -57,11 +62,10 @@ from ..protocol.imap_commands import (
     CommandRelay,
     Forward,
     ProtocolError,
-    astring,
+    Reply,
     bye,
-    parse_arguments,
-    tagged,
 )
+from ..protocol.imap_relay_state import RelayState
 from ..protocol.imap_passthrough import Bye, Continuation, ResponseScanner, Tagged
 from ..protocol.imap_passthrough import ProtocolError as UpstreamProtocolError
 
@@ -85,18 +89,8 @@ UPSTREAM_ADVICE = (
 WRITE_BATCH = 64 * 1024
 #: Bytes asked of a stream per read (a TLS stream returns one 16 KiB record at most anyway).
 RECEIVE_SIZE = 64 * 1024
-#: What mailgate sends upstream when the client left without logging out.
-LOGOUT_COMMAND = b"MG0 LOGOUT\r\n"
 #: Longest a farewell (`* BYE`) may wait for a client that does not read.
 FAREWELL_TIMEOUT = 5.0
-
-#: Commands mailgate answers itself after login, with the reason given to the client.
-REFUSED = {
-    b"STARTTLS": "STARTTLS is not available after login.",
-    b"COMPRESS": "COMPRESS is not supported by this server.",
-    b"LOGIN": "Already logged in.",
-    b"AUTHENTICATE": "Already logged in.",
-}
 
 _UPSTREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -136,24 +130,18 @@ class ImapRelay:
         self.limits = limits
         self._up_stream, up_buffered = upstream.detach()
         self._up_pending = up_buffered
+        self.state = RelayState()
         self.framer = CommandRelay(
             max_line=limits.max_line,
             max_literal=limits.max_literal,
             nonsync_literal_limit=nonsync_literal_limit(upstream.capabilities),
+            state=self.state,
         )
         self.framer.receive_data(client_buffered)
         self.scanner = ResponseScanner(max_line=limits.max_line)
         self._out_lock = trio.Lock()
-        self._continued = trio.Event()
+        self._upstream_said = trio.Event()  # set on each "+" and tagged response
         self._end: _End | None = None
-        self.bye_seen = False
-        self.logout_sent = False
-        self.selected: str | None = None
-        self._selecting: dict[bytes, str | None] = {}
-        # Tags sent upstream and not yet answered (IDLE excluded: silence is its purpose).
-        # While one is outstanding, the upstream must send something within
-        # limits.upstream_command_timeout, or it is taken for stalled.
-        self._outstanding: set[bytes] = set()
         self._upstream_wait: trio.CancelScope | None = None  # the upstream read in progress
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,19 +176,20 @@ class ImapRelay:
             if end.farewell and self.scanner.at_boundary:
                 await self._send_farewell(bye(end.farewell))
             await self._logout_upstream()
-        elif not self.bye_seen and self.scanner.at_boundary and end.farewell:
+        elif not self.state.bye_seen and self.scanner.at_boundary and end.farewell:
             await self._send_farewell(bye(end.farewell))
-        log.info("imap %s: %s session ended (%s)", self.client.peer, self.user, end.outcome)
+        log.info("imap %s: %s session ended (%s; upstream: %s)", self.client.peer, self.user,
+                 end.outcome, self.state.describe())
 
     async def _logout_upstream(self) -> None:
         """End the upstream session politely, unless a command is half sent (then just close)."""
-        idle = self.framer.idle_tag is not None
-        if self.framer.in_command and not idle:
+        farewell = self.state.upstream_farewell()
+        if farewell is None:
             return
         with trio.move_on_after(self.limits.logout_timeout) as scope:
             scope.shield = True
             try:
-                await self._up_stream.send_all((b"DONE\r\n" if idle else b"") + LOGOUT_COMMAND)
+                await self._up_stream.send_all(farewell)
                 while await self._up_stream.receive_some(RECEIVE_SIZE):
                     pass
             except (*_UPSTREAM_GONE, OSError):
@@ -246,7 +235,7 @@ class ImapRelay:
             if not data:
                 # A client that sent LOGOUT may close as soon as it has read the tagged OK,
                 # before the upstream closes: that is still a logout, not a vanished client.
-                raise _End("logout" if self.logout_sent else "client_gone")
+                raise _End("logout" if self.state.logout_sent else "client_gone")
             self.framer.receive_data(data)
 
     async def _drain_framer(self, out: bytearray) -> None:
@@ -257,24 +246,21 @@ class ImapRelay:
                 raise _End("protocol_error", f"{str(exc).capitalize()}.") from None
             if event is NEED_DATA:
                 return
-            if isinstance(event, CommandLine):
-                reason = REFUSED.get(event.name)
-                if reason is not None:
-                    self.framer.refuse_command()
-                    await self._answer_client(tagged(event.tag, "BAD", reason))
-                    continue
-                self._track(event)
+            if isinstance(event, (CommandLine, Forward)):
                 out += event.data
-            elif isinstance(event, Forward):
-                out += event.data
+                if isinstance(event, CommandLine):
+                    self._arm_stall_deadline()
+            elif isinstance(event, Reply):
+                await self._answer_client(event.data)
             elif isinstance(event, AwaitContinuation):
                 await self._send_upstream(out)
                 out.clear()
                 with trio.move_on_after(self.limits.upstream_command_timeout):
-                    await self._continued.wait()
-                if self.framer.awaiting_continuation:
+                    while self.state.awaiting_continuation:
+                        await self._upstream_said.wait()
+                        self._upstream_said = trio.Event()
+                if self.state.awaiting_continuation:
                     raise _End("upstream_timeout", "Upstream server did not answer in time.")
-                self._continued = trio.Event()
             if len(out) >= WRITE_BATCH:
                 await self._send_upstream(out)
                 out.clear()
@@ -287,25 +273,11 @@ class ImapRelay:
         except _UPSTREAM_GONE:
             raise _End("upstream_closed", "Upstream server closed the connection.") from None
 
-    def _track(self, line: CommandLine) -> None:
-        """Keep the little state worth knowing: LOGOUT sent, the selected mailbox."""
-        if line.name != b"IDLE":
-            self._outstanding.add(line.tag)
-            self._arm_stall_deadline()
-        if line.name == b"LOGOUT":
-            self.logout_sent = True
-        elif line.name in (b"SELECT", b"EXAMINE"):
-            args = parse_arguments(line.arguments) if line.literal is None else None
-            name = astring(args[0]) if args else None
-            self._selecting[line.tag] = None if name is None else name.decode("utf-8", "replace")
-        elif line.name in (b"CLOSE", b"UNSELECT"):
-            self._selecting[line.tag] = None
-
     # ------------------------------------------------------------------ upstream → client
 
     async def _upstream_to_client(self) -> None:
         batch = bytearray()
-        holding = False  # the output lock, held while a response is partly written
+        holding = False  # the output lock, held while a received response is not all written
         try:
             while True:
                 data, self._up_pending = self._up_pending, b""
@@ -320,14 +292,15 @@ class ImapRelay:
                     if isinstance(item, (bytes, memoryview)):
                         batch += item
                     else:
-                        if self._on_event(item):
-                            batch += item.data
-                if batch and (len(batch) >= WRITE_BATCH or self.scanner.at_boundary):
+                        batch += self._on_event(item)
+                if batch:
+                    # Held from the first byte received: nothing of mailgate's may pass it.
                     if not holding:
                         await self._out_lock.acquire()
                         holding = True
-                    await self._send_client(batch)
-                    batch = bytearray()
+                    if len(batch) >= WRITE_BATCH or self.scanner.at_boundary:
+                        await self._send_client(batch)
+                        batch = bytearray()
                 if holding and self.scanner.at_boundary:
                     self._out_lock.release()
                     holding = False
@@ -339,7 +312,7 @@ class ImapRelay:
         """While a command waits for its answer (or a response is half received), the upstream
         must send something within ``limits.upstream_command_timeout``."""
         scope = self._upstream_wait
-        waiting = bool(self._outstanding) or not self.scanner.at_boundary
+        waiting = self.state.upstream_owes or not self.scanner.at_boundary
         if scope is not None and waiting and scope.deadline == float("inf"):
             scope.deadline = trio.current_time() + self.limits.upstream_command_timeout
 
@@ -348,7 +321,9 @@ class ImapRelay:
             with trio.CancelScope() as stalled:
                 self._upstream_wait = stalled
                 self._arm_stall_deadline()
-                data = await self._up_stream.receive_some(RECEIVE_SIZE)
+                received = await self._up_stream.receive_some(RECEIVE_SIZE)
+                # trio's TLS stream returns bytes (the type allows a bytearray): no copy.
+                data = received if isinstance(received, bytes) else bytes(received)
         except (*_UPSTREAM_GONE, OSError):
             data = b""
         finally:
@@ -359,33 +334,26 @@ class ImapRelay:
                         self.limits.upstream_command_timeout)
             raise _End("upstream_timeout", "Upstream server did not answer in time.")
         if not data:
-            if self.bye_seen:
-                raise _End("logout" if self.logout_sent else "upstream_closed")
+            if self.state.bye_seen:
+                raise _End("logout" if self.state.logout_sent else "upstream_closed")
             raise _End("upstream_closed", "Upstream server closed the connection.")
         return data
 
-    def _on_event(self, event: Continuation | Tagged | Bye) -> bool:
-        """React to a continuation/tagged/BYE line; return whether to relay it."""
+    def _on_event(self, event: Continuation | Tagged | Bye) -> bytes:
+        """Report a continuation/tagged/BYE line to the state; return what to relay for it."""
         if isinstance(event, Continuation):
-            ours = self.framer.continuation_seen()
-            if ours:
-                self._continued.set()
-            return not ours
+            relay = self.state.continuation()
+            self._upstream_said.set()
+            return event.data if relay else b""
         if isinstance(event, Tagged):
-            was_waiting = self.framer.awaiting_continuation
-            self._outstanding.discard(event.tag)
-            self.framer.command_finished(event.tag)
-            if was_waiting and not self.framer.awaiting_continuation:
-                self._continued.set()
-            if event.tag in self._selecting:
-                mailbox = self._selecting.pop(event.tag)
-                self.selected = mailbox if event.status == b"OK" else None
+            due = self.state.tagged(event.tag, event.status)
+            self._upstream_said.set()
             if event.status != b"OK":
                 self._advise(event.data)
-            return True
-        self.bye_seen = True
+            return event.data + due if due else event.data
+        self.state.bye()
         self._advise(event.data)
-        return True
+        return event.data
 
     def _advise(self, line: bytes) -> None:
         for words, advice in UPSTREAM_ADVICE:

@@ -27,19 +27,19 @@ they raise on bad input; the driver answers ``* BYE`` and closes.
 :class:`CommandRelay` — after login, where commands go to the upstream server
     Never holds a literal: it reads one line at a time (bounded by ``max_line``) and passes
     literal octets through as :class:`Forward` chunks as they arrive, so relaying a 20 MB APPEND
-    costs one chunk of memory. The first line of every command comes as :class:`CommandLine`
-    (tag and name pre-parsed) so the driver can keep state or answer the command itself
-    (``refuse_command()`` then drops the rest of it, literal octets included). It follows IDLE
-    (the next line is ``DONE``) and it keeps the literal policy of the upstream: a client's
+    costs one chunk of memory. It frames; the session's state (the command in progress, IDLE,
+    the commands in flight, which commands mailgate answers itself) is a
+    :class:`~gateway.protocol.imap_relay_state.RelayState`, to which it reports every line and
+    literal end and whose phase tells it what the next bytes are. The first line of every
+    relayed command comes as :class:`CommandLine` (tag and name pre-parsed); a command mailgate
+    answers itself comes as :class:`Reply` when its answer is due (the rest of it, literal
+    octets included, is dropped). It keeps the literal policy of the upstream: a client's
     ``{n+}`` larger than the upstream accepts (LITERAL-: 4096 octets) is rewritten to ``{n}``
     and followed by :class:`AwaitContinuation`: the driver must get the upstream's ``+`` (which
     the client never asked for, so it is not relayed) before forwarding the literal.
 
-    The relay needs to hear about the other direction, which the driver reports:
-    ``continuation_seen()`` when the upstream sends ``+`` (the answer says whether that ``+`` is
-    mailgate's own, to be swallowed) and ``command_finished(tag)`` for each tagged response
-    (a literal or IDLE the upstream refused is over: the client will not send it, or, if the
-    client sent it anyway because it was non-synchronizing, it is discarded).
+    What the upstream says (``+``, tagged responses, ``* BYE``) the driver reports to the state,
+    not to the framer.
 
 Response builders at the end of the module produce mailgate's own pre-login answers (greeting,
 CAPABILITY, tagged status, BYE, continuation, ID).
@@ -51,7 +51,6 @@ reader.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias, Union
@@ -67,6 +66,7 @@ from .imap_grammar import (
     literal_at_end,
 )
 from .imap_grammar import quote as quote_string
+from .imap_relay_state import LITERAL_PHASES, Event, Phase, RelayState
 
 __all__ = [
     "LITERAL_MINUS_MAX",
@@ -83,6 +83,7 @@ __all__ = [
     "Forward",
     "LiteralContinue",
     "ProtocolError",
+    "Reply",
     "astring",
     "bye",
     "capability_response",
@@ -198,8 +199,16 @@ class AwaitContinuation:
     tag: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """mailgate's own answer to a command it does not relay: write it to the client now
+    (between two responses)."""
+
+    data: bytes
+
+
 ReaderEvent: TypeAlias = Union[Command, BadCommand, LiteralContinue, ContinuationLine, _NeedData]
-RelayEvent: TypeAlias = Union[CommandLine, Forward, AwaitContinuation, _NeedData]
+RelayEvent: TypeAlias = Union[CommandLine, Forward, AwaitContinuation, Reply, _NeedData]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -440,168 +449,113 @@ class CommandReader:
 
 # --------------------------------------------------------------------------- post-login relay
 
-_COMMAND = "command"  # expecting the first line of a command
-_CONTINUED = "continued"  # expecting the line that follows a literal
-_LITERAL = "literal"  # passing literal octets
-_IDLE = "idle"  # after IDLE: expecting DONE
-
 
 class CommandRelay:
-    """Frames the client's commands after login for relaying (see the module docstring)."""
+    """Frames the client's commands after login for relaying (see the module docstring).
 
-    def __init__(self, *, max_line: int, max_literal: int, nonsync_literal_limit: int | None):
+    The framing is here, the state is :attr:`state`'s: each line and literal end is reported to
+    it as an :class:`~gateway.protocol.imap_relay_state.Event`, and its phase says what the next
+    bytes are (a line, literal octets to forward or to drop, octets to hold).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_line: int,
+        max_literal: int,
+        nonsync_literal_limit: int | None,
+        state: RelayState | None = None,
+    ):
         self._buf = _LineBuffer(max_line)
         self.max_literal = max_literal
         #: Largest ``{n+}`` passed unchanged; ``None`` when the upstream has LITERAL+.
         self.nonsync_literal_limit = nonsync_literal_limit
-        self._state = _COMMAND
-        self._tag = b""  # tag of the command in progress
+        self.state = state if state is not None else RelayState()
         self._literal_left = 0
-        self._discarding = False  # drop the rest of the current command
-        self._client_sent_nonsync = False  # the literal in progress was announced {n+}
-        self._awaiting = False  # a "+" from the upstream is expected for the current command
-        self._awaiting_ours = False  # ... and it answers a literal mailgate made synchronizing
-        self._pending: deque[RelayEvent] = deque()
-
-    # -- what the driver can ask
-
-    @property
-    def idle_tag(self) -> bytes | None:
-        """Tag of the IDLE command in progress, if any."""
-        return self._tag if self._state == _IDLE else None
-
-    @property
-    def in_command(self) -> bool:
-        """True between the first line of a command and its end (literals included)."""
-        return self._state != _COMMAND
-
-    @property
-    def awaiting_continuation(self) -> bool:
-        """True while mailgate waits for the upstream's ``+`` to a rewritten literal."""
-        return self._awaiting and self._awaiting_ours
-
-    # -- input
+        self._announce = False  # hand out AwaitContinuation for the literal just rewritten
 
     def receive_data(self, data: bytes) -> None:
         self._buf.data += data
 
     def next_event(self) -> RelayEvent:
+        state = self.state
         while True:
-            if self._pending:
-                return self._pending.popleft()
-            if self._awaiting and self._awaiting_ours:  # nothing moves before that "+"
-                return NEED_DATA
-            if self._state == _LITERAL:
-                if not self._literal_left:
-                    self._state = _CONTINUED
-                    continue
-                if not self._buf.data:
+            phase = state.phase
+            if phase in LITERAL_PHASES:
+                if phase is Phase.OUR_LITERAL:  # nothing moves before the upstream's "+"
+                    if self._announce:
+                        self._announce = False
+                        return AwaitContinuation(state.tag)
                     return NEED_DATA
-                take = min(self._literal_left, len(self._buf.data))
-                chunk = self._buf.take(take)
-                self._literal_left -= take
+                if self._literal_left:
+                    if not self._buf.data:
+                        return NEED_DATA
+                    take = min(self._literal_left, len(self._buf.data))
+                    chunk = self._buf.take(take)
+                    self._literal_left -= take
+                elif phase is Phase.SYNC_LITERAL and not self._buf.data:
+                    return NEED_DATA  # {0}: the client sends the rest of the line after "+"
+                else:
+                    chunk = b""
                 if not self._literal_left:
-                    self._state = _CONTINUED
-                if not self._discarding:
+                    state.client_event(Event.LITERAL_END)
+                if chunk and phase is not Phase.SKIP_LITERAL:
                     return Forward(chunk)
                 continue
             line = self._buf.take_line()
             if line is None:
                 return NEED_DATA
-            event = self._on_line(line)
+            event = self._on_line(line, phase)
             if event is not None:
                 return event
 
-    def _on_line(self, line: bytes) -> RelayEvent | None:
+    def _on_line(self, line: bytes, phase: Phase) -> RelayEvent | None:
         text = _split_line(line)
-        if self._state == _IDLE:
-            if text.upper() == b"DONE":
-                self._state = _COMMAND
-                self._awaiting = False
+        if phase is Phase.IDLE:
+            self.state.client_event(Event.DONE if text.upper() == b"DONE" else Event.LINE)
             return Forward(line)
         lit = _literal_at_end(text)
-        if lit is not None and lit.size > self.max_literal:
-            raise ProtocolError("literal is too large")
-        first = self._state == _COMMAND
-        if first:
-            self._discarding = False
         if lit is None:
-            self._state = _COMMAND
-            if first:
-                return self._command_line(line, text, None)
-            discarding, self._discarding = self._discarding, False
-            return None if discarding else Forward(line)
-        if self._discarding:
-            if lit.sync:  # the client waits for a "+" it will not get: the command is over
-                self._state = _COMMAND
-                self._discarding = False
+            kind = Event.LINE
+        else:
+            if lit.size > self.max_literal:
+                raise ProtocolError("literal is too large")
+            self._literal_left = lit.size
+            limit = self.nonsync_literal_limit
+            if lit.sync:
+                kind = Event.SYNC_LITERAL
+            elif limit is not None and lit.size > limit:
+                kind = Event.BIG_NONSYNC_LITERAL
             else:
-                self._state, self._literal_left = _LITERAL, lit.size
+                kind = Event.NONSYNC_LITERAL
+        if phase is Phase.COMMAND:
+            return self._command_line(line, text if lit is None else text[: lit.start], kind)
+        self.state.client_event(kind)
+        if phase is Phase.SKIP_LINE:
             return None
-        self._state, self._literal_left = _LITERAL, lit.size
-        self._client_sent_nonsync = not lit.sync
-        out, rewritten = rewrite_nonsync_literal(line, self.nonsync_literal_limit)
-        self._awaiting = lit.sync or rewritten
-        self._awaiting_ours = rewritten
-        if rewritten:
-            self._pending.append(AwaitContinuation(self._tag if not first else _head(text)[0]))
-        if first:
-            return self._command_line(out, text[: lit.start], lit.size)
-        return Forward(out)
+        return Forward(self._rewritten(line, kind))
 
-    def _command_line(self, data: bytes, text: bytes, literal: int | None) -> CommandLine:
+    def _rewritten(self, line: bytes, kind: Event) -> bytes:
+        """The line to forward: a ``{n+}`` over the upstream's limit becomes ``{n}``."""
+        if kind is not Event.BIG_NONSYNC_LITERAL:
+            return line
+        self._announce = True
+        return rewrite_nonsync_literal(line, self.nonsync_literal_limit)[0]
+
+    def _command_line(self, line: bytes, text: bytes, kind: Event) -> RelayEvent | None:
         tag, name, args_at = _head(text)
         name = name.upper()
         if name == b"UID":
             sub, _, rest = text[args_at + 1 :].partition(b" ")
             name = b"UID " + sub.upper()
             args_at = args_at + 1 + len(sub)
-        self._tag = tag
-        if name == b"IDLE" and literal is None:
-            self._state = _IDLE
-            self._awaiting, self._awaiting_ours = True, False
+        refusal = self.state.command(tag, name, kind)
+        if refusal is not None:
+            return Reply(refusal.answer) if refusal.due else None
         arguments = text[args_at + 1 :] if args_at < len(text) else b""
-        return CommandLine(tag=tag, name=name, arguments=arguments, data=data, literal=literal)
-
-    # -- what the driver reports
-
-    def refuse_command(self) -> None:
-        """The driver answered the command whose :class:`CommandLine` it just got: drop the rest."""
-        self._pending.clear()
-        self._awaiting = self._awaiting_ours = False
-        if self._state == _IDLE:
-            self._state = _COMMAND
-        elif self._state in (_LITERAL, _CONTINUED):
-            if self._client_sent_nonsync:  # its octets are on their way: skip them
-                self._discarding = True
-            else:  # the client waits for "+": the tagged answer ends the command
-                self._state = _COMMAND
-                self._literal_left = 0
-
-    def continuation_seen(self) -> bool:
-        """The upstream sent ``+``. Returns True if it answers mailgate's own rewritten literal
-        (do not relay it to the client); False if the client is waiting for it (relay it)."""
-        ours = self._awaiting and self._awaiting_ours
-        self._awaiting = self._awaiting_ours = False
-        return ours
-
-    def command_finished(self, tag: bytes) -> None:
-        """The upstream sent a tagged response for ``tag``."""
-        if tag != self._tag:
-            return
-        if self._state == _IDLE:  # IDLE refused or ended: no DONE will come
-            self._state = _COMMAND
-            self._awaiting = False
-            return
-        if not self._awaiting:
-            return
-        self._awaiting = False
-        if self._awaiting_ours:  # the client sent its {n+} octets anyway: skip them
-            self._awaiting_ours = False
-            self._discarding = True
-        else:  # the client will not send its {n} literal: its next line is a new command
-            self._state = _COMMAND
-            self._literal_left = 0
+        if kind is Event.LINE:
+            return CommandLine(tag, name, arguments, line, None)
+        return CommandLine(tag, name, arguments, self._rewritten(line, kind), self._literal_left)
 
 
 # --------------------------------------------------------------------------- responses

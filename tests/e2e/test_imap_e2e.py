@@ -126,6 +126,25 @@ async def test_imaplib_session_and_refused_commands(gate: Gate) -> None:
     await w.aclose()
 
 
+async def test_refused_command_pipelined_after_idle_is_answered_in_order(gate: Gate) -> None:
+    """mailgate's own BAD for a refused command follows the tagged answers of the commands the
+    client sent before it (here the IDLE's OK after DONE), as a server's would."""
+    await trio.to_thread.run_sync(create_mailbox, gate)
+    w = await logged_in(gate)
+    await w.command(b"s SELECT " + quoted(gate.mailbox))
+    await w.send(b"i IDLE\r\nDONE\r\nx STARTTLS\r\nn NOOP\r\ny LOGIN {5+}\r\nalice x\r\n")
+    lines = await w.until_tagged(b"y")
+    tagged = [line for line in lines if not line.startswith((b"* ", b"+ "))]
+    assert [line.split(b" ", 1)[0] for line in tagged] == [b"i", b"x", b"n", b"y"], lines
+    assert lines[0].startswith(b"+ ") and tagged[0].startswith(b"i OK"), lines
+    assert tagged[1] == b"x BAD STARTTLS is not available after login.\r\n"
+    assert tagged[2].startswith(b"n OK") and tagged[3] == b"y BAD Already logged in.\r\n"
+    # Nothing in flight: the answer is immediate, and the session goes on.
+    assert await w.command(b"z COMPRESS DEFLATE") == [b"z BAD COMPRESS is not supported by this server.\r\n"]
+    assert (await w.command(b"m NOOP"))[-1].startswith(b"m OK")
+    await w.aclose()
+
+
 async def test_commands_pipelined_with_the_login(gate: Gate) -> None:
     w = await gate.wire()
     await w.line()

@@ -80,7 +80,7 @@ def test_command_relay_never_holds_a_literal(data: bytes, positions: list[int],
                 if isinstance(event, imap_commands.Forward):
                     forwarded += len(event.data)
                 elif isinstance(event, imap_commands.AwaitContinuation):
-                    relay.continuation_seen()
+                    relay.state.continuation()
             assert len(relay._buf.data) < MAX_LINE + len(piece)
     except imap_commands.ProtocolError:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,6 +21,7 @@ from gateway.protocol.imap_commands import (
     Forward,
     LiteralContinue,
     ProtocolError,
+    Reply,
     astring,
     bye,
     capability_response,
@@ -32,6 +35,7 @@ from gateway.protocol.imap_commands import (
     rewrite_nonsync_literal,
     tagged,
 )
+from gateway.protocol.imap_relay_state import REFUSED
 from tests.fixtures.splits import split_at
 
 
@@ -265,7 +269,7 @@ def test_relay_streams_literal_octets() -> None:
     r = relay()
     evs = events(r, b"a APPEND INBOX {10}\r\n")
     assert evs == [CommandLine(b"a", b"APPEND", b"INBOX ", b"a APPEND INBOX {10}\r\n", 10)]
-    assert r.continuation_seen() is False  # the client asked for this "+": relay it
+    assert r.state.continuation() is True  # the client asked for this "+": relay it
     assert events(r, b"0123") == [Forward(b"0123")]
     assert events(r, b"456789\r\nb NOOP\r\n") == [
         Forward(b"456789"),
@@ -278,9 +282,9 @@ def test_relay_rewrites_large_nonsync_literal_and_waits() -> None:
     r = relay(4096)
     evs = events(r, b"a APPEND INBOX {5000+}\r\n" + b"x" * 100)
     assert evs == [CommandLine(b"a", b"APPEND", b"INBOX ", b"a APPEND INBOX {5000}\r\n", 5000), AwaitContinuation(b"a")]
-    assert r.awaiting_continuation
-    assert r.continuation_seen() is True  # mailgate's own: swallow it
-    assert not r.awaiting_continuation
+    assert r.state.awaiting_continuation
+    assert r.state.continuation() is False  # mailgate's own: swallow it
+    assert not r.state.awaiting_continuation
     assert forwarded(events(r, b"x" * 4900 + b"\r\n")) == b"x" * 5000 + b"\r\n"
 
 
@@ -297,7 +301,7 @@ def test_relay_keeps_small_nonsync_literal() -> None:
 def test_relay_discards_rewritten_literal_refused_by_upstream() -> None:
     r = relay(4096)
     events(r, b"a APPEND INBOX {5000+}\r\n")
-    r.command_finished(b"a")  # "a NO [TOOBIG]" instead of "+"
+    assert r.state.tagged(b"a", b"NO") == b""  # "a NO [TOOBIG]" instead of "+"
     evs = events(r, b"z" * 5000 + b" {3+}\r\nabc\r\nb NOOP\r\n")
     assert evs == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
@@ -305,49 +309,56 @@ def test_relay_discards_rewritten_literal_refused_by_upstream() -> None:
 def test_relay_sync_literal_refused_by_upstream() -> None:
     r = relay()
     events(r, b"a APPEND INBOX {10}\r\n")
-    r.command_finished(b"a")  # the client will not send the literal
+    assert r.state.tagged(b"a", b"NO") == b""  # the client will not send the literal
     assert events(r, b"b NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
 
 def test_relay_idle_done() -> None:
     r = relay()
     evs = events(r, b"i IDLE\r\n")
-    assert evs[0].name == b"IDLE" and r.idle_tag == b"i"
-    assert r.continuation_seen() is False
+    assert evs[0].name == b"IDLE" and r.state.idling and r.state.tag == b"i"
+    assert r.state.continuation() is True
     assert events(r, b"done\r\n") == [Forward(b"done\r\n")]
-    assert r.idle_tag is None
-    r.command_finished(b"i")
+    assert not r.state.idling
+    r.state.tagged(b"i", b"OK")
     assert events(r, b"n NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_idle_refused_by_upstream() -> None:
     r = relay()
     events(r, b"i IDLE\r\n")
-    r.command_finished(b"i")  # "i NO" instead of "+ idling"
-    assert r.idle_tag is None
+    r.state.tagged(b"i", b"NO")  # "i NO" instead of "+ idling"
+    assert not r.state.idling
     assert events(r, b"j NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_refuse_command_skips_nonsync_literal() -> None:
     r = relay()
-    (cl,) = events(r, b"a LOGIN {3+}\r\n")
-    assert cl.name == b"LOGIN"
-    r.refuse_command()
+    assert events(r, b"a LOGIN {3+}\r\n") == [Reply(b"a BAD Already logged in.\r\n")]
     assert events(r, b"bob {2+}\r\npw\r\nb NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
 
 
 def test_relay_refuse_command_with_sync_literal() -> None:
     r = relay()
-    events(r, b"a LOGIN {3}\r\n")
-    r.refuse_command()
+    assert events(r, b"a LOGIN {3}\r\n") == [Reply(b"a BAD Already logged in.\r\n")]
     assert events(r, b"b NOOP\r\n")[0].name == b"NOOP"
 
 
 def test_relay_refuse_rewritten_literal_drops_await() -> None:
     r = relay(4096)
-    (cl,) = events(r, b"a COMPRESS {5000+}\r\n")[:1]
-    r.refuse_command()
+    assert events(r, b"a COMPRESS {5000+}\r\n") == [Reply(b"a BAD COMPRESS is not supported by this server.\r\n")]
     assert events(r, b"q" * 5000 + b"\r\nb NOOP\r\n") == [CommandLine(b"b", b"NOOP", b"", b"b NOOP\r\n", None)]
+
+
+def test_relay_refused_command_answer_waits_for_earlier_commands() -> None:
+    r = relay()
+    evs = events(r, b"i IDLE\r\nDONE\r\nx STARTTLS\r\nn NOOP\r\ny LOGIN {2+}\r\nab\r\n")
+    assert forwarded(evs) == b"i IDLE\r\nDONE\r\nn NOOP\r\n"
+    assert not any(isinstance(e, Reply) for e in evs)  # both wait: their BAD comes later
+    assert r.state.continuation() is True  # "+ idling"
+    assert r.state.tagged(b"i", b"OK") == b"x BAD STARTTLS is not available after login.\r\n"
+    assert r.state.tagged(b"n", b"OK") == b"y BAD Already logged in.\r\n"
+    assert events(r, b"z STARTTLS\r\n") == [Reply(b"z BAD STARTTLS is not available after login.\r\n")]
 
 
 def test_relay_limits() -> None:
@@ -370,11 +381,20 @@ _atoms = st.text(_ATOM_ALPHABET, min_size=1, max_size=12).map(str.encode)
 _strings = st.binary(max_size=40)
 
 
+_SPECIAL_NAMES = frozenset({*REFUSED, b"IDLE", b"UID"})
+
+
 @st.composite
-def _commands(draw: st.DrawFn, nonsync_limit: int | None = None) -> tuple[bytes, Command, bytes]:
-    """(wire bytes, the Command they mean, the bytes a relay forwards for ``nonsync_limit``)."""
+def _commands(
+    draw: st.DrawFn, nonsync_limit: int | None = None, relayed: bool = False
+) -> tuple[bytes, Command, bytes]:
+    """(wire bytes, the Command they mean, the bytes a relay forwards for ``nonsync_limit``).
+
+    ``relayed``: no name the relay handles apart (answered by mailgate, IDLE, UID), whose bytes
+    are not forwarded as they are.
+    """
     tag = draw(_atoms)
-    name = draw(_atoms)
+    name = draw(_atoms.filter(lambda n: n.upper() not in _SPECIAL_NAMES) if relayed else _atoms)
     args = draw(st.lists(st.one_of(_atoms, _strings), max_size=4))
     parts = [tag + b" " + name]
     relayed = [parts[0]]
@@ -412,7 +432,7 @@ def test_reader_parses_any_split_identically(cmds: list, cuts: list[int]) -> Non
 @st.composite
 def _relay_case(draw: st.DrawFn) -> tuple[int | None, list]:
     limit = draw(st.sampled_from([None, 0, 5, 4096]))
-    return limit, draw(st.lists(_commands(limit), min_size=1, max_size=4))
+    return limit, draw(st.lists(_commands(limit, relayed=True), min_size=1, max_size=4))
 
 
 @settings(max_examples=200, deadline=None)
@@ -427,9 +447,53 @@ def test_relay_forwards_any_split_identically(case: tuple, cuts: list[int]) -> N
         while (ev := r.next_event()) is not NEED_DATA:
             out.append(ev)
             if isinstance(ev, AwaitContinuation):  # the upstream answers "+" to the rewritten {n}
-                assert r.continuation_seen() is True
+                assert r.state.continuation() is False
     assert forwarded(out) == b"".join(c[2] for c in cmds)
     assert [(e.tag, e.name) for e in out if isinstance(e, CommandLine)] == [(c[1].tag, c[1].name) for c in cmds]
+
+
+def _until_sync_literal(command: bytes) -> bytes:
+    """What a client sends of a command that gets BAD: up to its first ``{n}`` (it waits for a
+    "+" that never comes), or all of it."""
+    pos = 0
+    while (end := command.find(b"\n", pos) + 1) > 0:
+        m = re.search(rb"\{(\d+)(\+?)\}\r\n\Z", command[pos:end])
+        if m and not m.group(2):
+            return command[:end]
+        pos = end + (int(m.group(1)) if m else 0)
+    return command
+
+
+@settings(max_examples=200, deadline=None)
+@given(_relay_case(), st.lists(st.booleans(), min_size=4, max_size=4), st.sampled_from(sorted(REFUSED)),
+       st.lists(st.integers(min_value=0), max_size=12))
+def test_relay_drops_refused_commands_whole(case: tuple, refuse: list[bool], name: bytes, cuts: list[int]) -> None:
+    """A refused command (literals of any kind included) is never forwarded, in any split, and
+    gets exactly one BAD, in command order."""
+    limit, cmds = case
+    wire, kept = [], []
+    for i, (data, cmd, relayed) in enumerate(cmds):
+        if refuse[i]:
+            data = _until_sync_literal(cmd.tag + b" " + name + data[len(cmd.tag) + 1 + len(cmd.name) :])
+        else:
+            kept.append(relayed)
+        wire.append(data)
+    r = relay(limit)
+    out = []
+    for piece in split_at(b"".join(wire), cuts):
+        r.receive_data(piece)
+        while (ev := r.next_event()) is not NEED_DATA:
+            out.append(ev)
+            if isinstance(ev, AwaitContinuation):
+                assert r.state.continuation() is False
+    bad = b"".join(e.data for e in out if isinstance(e, Reply))  # due at once: nothing before
+    for ev in out:  # the upstream answers after the whole input, in order
+        if isinstance(ev, CommandLine):
+            bad += r.state.tagged(ev.tag, b"OK")
+    assert forwarded(out) == b"".join(kept)
+    refused_tags = [c[1].tag for i, c in enumerate(cmds) if refuse[i]]
+    assert [line.split(b" ")[:2] for line in bad.splitlines()] == [[t, b"BAD"] for t in refused_tags]
+    assert r.state.in_flight == 0 and not r.state.in_command
 
 
 @settings(max_examples=300, deadline=None)
@@ -447,7 +511,7 @@ def test_reader_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[i
 @given(
     st.binary(max_size=600),
     st.lists(st.integers(min_value=0), max_size=6),
-    st.lists(st.sampled_from(["plus", "tagged", "refuse"]), max_size=4),
+    st.lists(st.sampled_from(["plus", "tagged"]), max_size=4),
 )
 def test_relay_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[int], reports: list[str]) -> None:
     r = CommandRelay(max_line=512, max_literal=1000, nonsync_literal_limit=10)
@@ -457,10 +521,8 @@ def test_relay_random_bytes_only_raise_protocol_error(data: bytes, cuts: list[in
             while (ev := r.next_event()) is not NEED_DATA:
                 action = reports.pop() if reports else None
                 if action == "plus":
-                    r.continuation_seen()
+                    r.state.continuation()
                 elif action == "tagged" and isinstance(ev, CommandLine):
-                    r.command_finished(ev.tag)
-                elif action == "refuse" and isinstance(ev, CommandLine):
-                    r.refuse_command()
+                    r.state.tagged(ev.tag, b"NO")
     except ProtocolError:
         pass
