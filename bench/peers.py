@@ -436,8 +436,8 @@ def _describe(exc: BaseException) -> str:
 
 def emailproxy_missing(python: str) -> str | None:
     """Why emailproxy cannot run (not installed), or None."""
-    done = subprocess.run([python, "-c", "import emailproxy"], capture_output=True, text=True,
-                          timeout=60)
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('emailproxy') is None)"
+    done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
     if done.returncode == 0:
         return None
     return "emailproxy is not installed (pip install -e '.[bench]')"
