@@ -37,7 +37,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.gateway_proc import accepts, file_tail, free_port
 from bench.labproc import LabInfo
 from bench.wire import Endpoint
 
@@ -258,20 +258,6 @@ def imapc_passwd_file(accounts: Iterable[PeerAccount], home: Path, uid: int, gid
 # ------------------------------------------------------------------------------ processes
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class PeerProcess:
     """One peer as a child process in its own process group: started, waited for until
     ``port`` accepts connections, stopped with SIGTERM to the group (SIGKILL after a grace)."""
@@ -302,7 +288,7 @@ class PeerProcess:
         finally:
             log.close()
         deadline = time.monotonic() + START_TIMEOUT
-        while not _accepts(self.port):
+        while not accepts(self.port):
             if self._proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self._proc.returncode}: "
                                    f"{self.log_tail()}")
@@ -313,10 +299,7 @@ class PeerProcess:
         return self
 
     def log_tail(self, chars: int = 400) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.log_path, chars)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
