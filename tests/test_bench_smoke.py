@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -276,14 +277,14 @@ def test_config_for_mailgate_is_valid(tmp_path) -> None:  # type: ignore[no-unty
 # ------------------------------------------------------------------------------ peers
 
 
-def _peer_lab(tmp_path) -> LabInfo:  # type: ignore[no-untyped-def]
+def _peer_lab(tmp_path: Path) -> LabInfo:
     return LabInfo("127.0.0.1", {"imaps": 1993, "pop3s": 1995}, "labpass",
                    tmp_path / "ca.pem", "http://127.0.0.1:9/token",
                    "http://127.0.0.1:9/authorize", "mailgate", "secret", 0)
 
 
 def test_emailproxy_is_configured_against_the_lab_with_tokens_it_can_decrypt(
-        tmp_path) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path) -> None:
     import base64
     import configparser
 
@@ -322,7 +323,7 @@ def test_emailproxy_is_configured_against_the_lab_with_tokens_it_can_decrypt(
         assert fernet.decrypt(entry["refresh_token"].encode()).decode() == account.refresh
 
 
-def test_imapc_config_is_accepted_by_dovecot(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_imapc_config_is_accepted_by_dovecot(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
@@ -378,3 +379,18 @@ def test_peer_rows_show_the_ratio_of_mailgate_to_each_peer() -> None:
     assert users == {EMAILPROXY: ["bench-small@example.com"],
                      IMAPC: ["bench-big20@example.com", f"bench-{PEER_TWINS[0]}@example.com"]}
     assert peer_users([3, 7, 8]) == {}
+
+
+def test_a_peer_that_is_not_running_gets_na_with_its_reason() -> None:
+    from bench.peer_figures import with_peers
+    from bench.peers import EMAILPROXY, IMAPC, Peers, emailproxy_missing
+
+    rows = [Figure("9a", "first", "raw", _m(1.0), _m(1.0), NoTarget()),
+            Figure("9b", "later", "raw", _m(1.0), _m(1.0), NoTarget())]
+    peers = Peers(unavailable={IMAPC: "dovecot exited with 89"})
+    done = with_peers(9, rows, None, peers)  # type: ignore[arg-type]  # env unused when n/a
+    assert [row.peers for row in done] == [
+        ((IMAPC, Measurement.missing("dovecot exited with 89")),)] * 2
+    assert with_peers(3, rows, None, peers) == rows  # type: ignore[arg-type]  # no peer for 3
+    assert Peers().why_not(EMAILPROXY) == "not started"
+    assert "not installed" in (emailproxy_missing("/bin/false") or "")
