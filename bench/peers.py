@@ -287,16 +287,22 @@ class PeerProcess:
             )
         finally:
             log.close()
+        try:
+            self._wait_listening(self._proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while not accepts(self.port):
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self._proc.returncode}: "
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}: "
                                    f"{self.log_tail()}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"{self.name} never listened on {self.port}")
             time.sleep(POLL_INTERVAL)
-        return self
 
     def log_tail(self, chars: int = 400) -> str:
         return file_tail(self.log_path, chars)
@@ -367,6 +373,15 @@ def start_imapc(lab: LabInfo, accounts: list[PeerAccount]) -> tuple[PeerProcess,
 
     binary = find_dovecot()
     directory = Path(tempfile.mkdtemp(prefix="mailgate-bench-imapc-"))
+    try:
+        return _start_imapc_in(directory, binary, lab, accounts)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _start_imapc_in(directory: Path, binary: str, lab: LabInfo, accounts: list[PeerAccount]
+                    ) -> tuple[PeerProcess, Endpoint]:
     os.chmod(directory, 0o755)  # login and mail processes run unprivileged
     for sub in ("run", "state", "mail"):
         (directory / sub).mkdir(exist_ok=True)
