@@ -55,7 +55,8 @@ from bench.peers import EMAILPROXY, IMAPC, Peers
 from bench.stats import Figure, Measurement, median, percentile
 from bench.wire import Credentials, IMAPClient, POP3Client, client_context, imap_login
 
-__all__ = ["PEER_FIGURES", "PEER_TWINS", "peer_users", "with_peers", "warm_up_peers"]
+__all__ = ["PEER_FIGURES", "PEER_NOTES", "PEER_TWINS", "peer_users", "with_peers",
+           "warm_up_peers"]
 
 #: Most sequential logins measured through emailproxy for figure 1 (each costs it a
 #: password-based key derivation of about half a second of CPU).
@@ -226,6 +227,20 @@ PEER_FIGURES: dict[int, dict[str, Measure]] = {
     9: {IMAPC: imapc_big_mailbox},
 }
 
+#: figure number -> what its peer rows need said beside them (method differences, known causes)
+PEER_NOTES: dict[int, str] = {
+    1: f"emailproxy: at most {EMAILPROXY_LOGIN_SAMPLES} logins, after the figure's own; each "
+       "login derives its token key from the password (PBKDF2, 1.2M iterations)",
+    2: "emailproxy: logins / time until the last login started in the window has finished",
+    4: "emailproxy sets no TCP_NODELAY on client connections: a 2 KB answer forwarded in two "
+       "writes waits for the client's delayed ACK (see docs/performance.md, Peers)",
+    5: "emailproxy: the same transfers, after the figure's own",
+    6: "imapc: a new POP3 session per RETR (login not timed): imapc keeps the last fetched "
+       "message of a session",
+    9: "imapc: its own never-opened twin mailbox; CPU of the imapc instance and of the lab "
+       "Dovecot it reads from",
+}
+
 #: figure number -> peer -> mailbox groups (:func:`bench.figures.upstream_name`) it serves
 _PEER_MAILBOXES: dict[int, dict[str, tuple[str, ...]]] = {
     1: {EMAILPROXY: ("login-0",)},
@@ -273,4 +288,7 @@ def with_peers(number: int, rows: list[Figure], env: BenchEnv, peers: Peers) -> 
             values = {row.key: Measurement.missing(text) for row in rows}
         for key, value in values.items():
             found.setdefault(key, []).append((peer, value))
-    return [replace(row, peers=row.peers + tuple(found.get(row.key, ()))) for row in rows]
+    note = (PEER_NOTES[number],) if number in PEER_NOTES and found else ()
+    return [replace(row, peers=row.peers + tuple(found.get(row.key, ())),
+                    notes=row.notes + (note if row.key in found else ()))
+            for row in rows]

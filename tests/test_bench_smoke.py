@@ -360,7 +360,7 @@ def test_imapc_config_is_accepted_by_dovecot(tmp_path: Path) -> None:
 
 
 def test_peer_rows_show_the_ratio_of_mailgate_to_each_peer() -> None:
-    from bench.peer_figures import PEER_FIGURES, PEER_TWINS, peer_users
+    from bench.peer_figures import PEER_FIGURES, PEER_NOTES, PEER_TWINS, peer_users
     from bench.peers import EMAILPROXY, IMAPC
 
     figure = Figure("4", "small FETCH", "raw socket", _m(1.0), _m(0.5), MaxDelta(0.5, "ms"),
@@ -375,6 +375,7 @@ def test_peer_rows_show_the_ratio_of_mailgate_to_each_peer() -> None:
     assert peers_json[IMAPC]["mailgate_ratio"] is None
 
     assert set(PEER_FIGURES) == {1, 2, 4, 5, 6, 9} <= set(FIGURES)
+    assert set(PEER_NOTES) == set(PEER_FIGURES)
     users = peer_users([4, 6, 9])
     assert users == {EMAILPROXY: ["bench-small@example.com"],
                      IMAPC: ["bench-big20@example.com", f"bench-{PEER_TWINS[0]}@example.com"]}
@@ -382,7 +383,7 @@ def test_peer_rows_show_the_ratio_of_mailgate_to_each_peer() -> None:
 
 
 def test_a_peer_that_is_not_running_gets_na_with_its_reason() -> None:
-    from bench.peer_figures import with_peers
+    from bench.peer_figures import PEER_NOTES, with_peers
     from bench.peers import EMAILPROXY, IMAPC, Peers, emailproxy_missing
 
     rows = [Figure("9a", "first", "raw", _m(1.0), _m(1.0), NoTarget()),
@@ -391,6 +392,7 @@ def test_a_peer_that_is_not_running_gets_na_with_its_reason() -> None:
     done = with_peers(9, rows, None, peers)  # type: ignore[arg-type]  # env unused when n/a
     assert [row.peers for row in done] == [
         ((IMAPC, Measurement.missing("dovecot exited with 89")),)] * 2
+    assert all(row.notes == (PEER_NOTES[9],) for row in done)
     assert with_peers(3, rows, None, peers) == rows  # type: ignore[arg-type]  # no peer for 3
     assert Peers().why_not(EMAILPROXY) == "not started"
     assert "not installed" in (emailproxy_missing("/bin/false") or "")
