@@ -6,9 +6,11 @@ Theory of operation
 2. The mailboxes the selected figures need are seeded (big messages, 10,000 small ones).
 3. mailgate is configured against the lab, its accounts are authorized through its CLI, and
    it starts as a separate process (:mod:`bench.gateway_proc`); a front end that does not
-   import gets no listener and its figures say ``n/a``.
+   import gets no listener and its figures say ``n/a``. The peers the selected figures
+   compare with start likewise (:mod:`bench.peers`), each column ``n/a`` if its peer cannot.
 4. Every mailgate account logs in once (so "token cached" holds), then the figures run in
-   order (:mod:`bench.figures`); a figure that fails outright becomes an ``n/a`` row.
+   order (:mod:`bench.figures`); a figure that fails outright becomes an ``n/a`` row. After
+   each figure its peers are measured and attached (:mod:`bench.peer_figures`).
 5. The table goes to stdout, the JSON to ``bench/results/latest.json``; progress to stderr.
 
 Everything started is stopped on every path (context managers); the work directory (config,
@@ -53,6 +55,8 @@ from bench.gateway_proc import (
 )
 from bench.labproc import LabInfo, LabProcess
 from bench.load import LoadPool
+from bench.peer_figures import PEER_TWINS, peer_users, warm_up_peers, with_peers
+from bench.peers import ACCESS_TOKEN_LIFETIME, Peers, start_peers
 from bench.profiler import Profiler, format_hotspots, py_spy_path
 from bench.stats import Figure, Measurement, format_table, to_json
 
@@ -120,7 +124,7 @@ def seed(info: LabInfo, groups: set[str], settings: Settings) -> None:
     if "big50" in groups:
         jobs.append(lambda: seeding.append_big(info, upstream_name("big50"), HUGE_TRANSFER))
     if "pop" in groups:
-        for twin in ("pop-direct", "pop-gw"):
+        for twin in ("pop-direct", "pop-gw", *PEER_TWINS):
             jobs.append(lambda twin=twin: seeding.bulk_append(
                 info, upstream_name(twin), _pop_messages(settings.pop_messages)))
     with ThreadPoolExecutor(SEED_PARALLEL) as pool:
@@ -180,6 +184,25 @@ def run_figure(number: int, env: BenchEnv) -> list[Figure]:
         return [Figure(str(number), title, "-", missing, missing, NoTarget())]
 
 
+def start_and_warm_peers(stack: ExitStack, workdir: Path, lab: LabProcess, selected: list[int],
+                         python: str) -> Peers:
+    """Start the peers the selected figures compare with (bench/peers.py); one that cannot
+    start is reported and its columns say n/a."""
+    users = peer_users(selected)
+    if not users:
+        return Peers()
+    assert lab.info is not None
+    progress(f"starting the peers: {', '.join(sorted(users))}")
+    peers = start_peers(workdir / "peers", lab.info, users, lab.issue_tokens,
+                        ACCESS_TOKEN_LIFETIME, python)
+    stack.callback(peers.stop)
+    for peer, why in peers.unavailable.items():
+        progress(f"peer {peer}: n/a ({why})")
+    for user, problem in warm_up_peers(peers).items():
+        progress(f"warm-up login of {user} through emailproxy failed: {problem}")
+    return peers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -231,12 +254,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 env.profile_window = _window_profiler(gateway.pid, args.json.parent,
                                                       args.profile)
+        peers = start_and_warm_peers(stack, workdir, lab, selected, python)
         for number in selected:
             progress(f"figure {number}: {FIGURES[number].__name__}")
             if args.profile:
-                figures += profiled(number, env, args.json.parent, args.profile)
+                rows = profiled(number, env, args.json.parent, args.profile)
             else:
-                figures += run_figure(number, env)
+                rows = run_figure(number, env)
+            figures += with_peers(number, rows, env, peers)
         if args.keep:
             progress(f"work directory kept: {workdir}")
         progress("stopping mailgate, the load workers and the lab")

@@ -36,7 +36,7 @@ from pathlib import Path
 from bench.labproc import LabInfo
 
 __all__ = ["GatewayUser", "write_config", "authorize_users", "GatewayProcess",
-           "missing_frontends", "free_port"]
+           "missing_frontends", "free_port", "accepts", "file_tail"]
 
 #: How long ``serve`` may take until every listener accepts connections.
 START_TIMEOUT = 30.0
@@ -221,7 +221,7 @@ class GatewayProcess:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"mailgate exited with {self._proc.returncode}: "
                                    f"{self.log_tail()}")
-            pending = {p for p in pending if not _accepts(p)}
+            pending = {p for p in pending if not accepts(p)}
             if pending and time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"mailgate never listened on {sorted(pending)}")
@@ -230,10 +230,7 @@ class GatewayProcess:
         return self
 
     def log_tail(self, chars: int = 600) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:].strip()
-        except OSError:
-            return ""
+        return file_tail(self.log_path, chars)
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
@@ -253,7 +250,15 @@ class GatewayProcess:
         self.stop()
 
 
-def _accepts(port: int) -> bool:
+def file_tail(path: Path, chars: int) -> str:
+    """The last ``chars`` characters of a log file ("" if it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return ""
+
+
+def accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0):
             return True

@@ -5,7 +5,9 @@ Theory of operation
 Every benchmark figure compares *mailgate* with a *baseline* measured in the same run on the
 same machine (these machines are shared and noisy, so absolute numbers alone mean little).
 A figure is a :class:`Figure`: two :class:`Measurement` values, a :class:`Target` that says how
-they must relate, and notes. A measurement that could not be taken carries ``na`` -- the
+they must relate, and notes; optionally the same measurement of *peers* (other programs a user
+would run instead), each shown on its own row below the figure as ``mailgate vs PEER`` with
+the ratio mailgate / peer, and judged against no target. A measurement that could not be taken carries ``na`` -- the
 reason -- instead of a value, and the table prints ``n/a (reason)``: a missing part never
 crashes the run.
 
@@ -183,6 +185,13 @@ class Figure:
     baseline: Measurement
     target: Target
     notes: tuple[str, ...] = ()
+    #: (peer name, its measurement) -- what a user would run instead, same client, same lab
+    peers: tuple[tuple[str, Measurement], ...] = ()
+
+    def peer_ratio(self, peer: Measurement) -> float | None:
+        """mailgate / peer, as :attr:`ratio` is mailgate / baseline."""
+        return ratio(self.mailgate.value if self.mailgate.ok else None,
+                     peer.value if peer.ok else None)
 
     @property
     def ratio(self) -> float | None:
@@ -212,6 +221,8 @@ class Figure:
             "target": self.target.text,
             "met": self.met,
             "notes": list(self.notes),
+            "peers": {name: {**asdict(peer), "mailgate_ratio": self.peer_ratio(peer)}
+                      for name, peer in self.peers},
         }
 
 
@@ -251,6 +262,10 @@ def format_table(figures: Sequence[Figure]) -> str:
             fig.target.text,
             _met_text(fig.met),
         ))
+        for name, peer in fig.peers:
+            pr = fig.peer_ratio(peer)
+            rows.append(("", f"  mailgate vs {name}", "", peer.render(),
+                         "-" if pr is None else f"{pr:.2f}x", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
     lines = []
     for n, row in enumerate(rows):

@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -271,3 +272,127 @@ def test_config_for_mailgate_is_valid(tmp_path) -> None:  # type: ignore[no-unty
                                                                       ("pop3", 2995)]
     assert config.providers["lab"].imap_port == 1993
     assert config.limits.max_connections_per_ip >= 1000
+
+
+# ------------------------------------------------------------------------------ peers
+
+
+def _peer_lab(tmp_path: Path) -> LabInfo:
+    return LabInfo("127.0.0.1", {"imaps": 1993, "pop3s": 1995}, "labpass",
+                   tmp_path / "ca.pem", "http://127.0.0.1:9/token",
+                   "http://127.0.0.1:9/authorize", "mailgate", "secret", 0)
+
+
+def test_emailproxy_is_configured_against_the_lab_with_tokens_it_can_decrypt(
+        tmp_path: Path) -> None:
+    import base64
+    import configparser
+
+    from cryptography.fernet import Fernet
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+    from bench.peers import PeerAccount, emailproxy_cache, emailproxy_config
+
+    accounts = [PeerAccount("a@example.com", "pw-a", "access-a", "refresh-a", 1_900_000_000),
+                PeerAccount("b@example.com", "pw-b", "access-b", "refresh-b", 1_900_000_001)]
+    config = configparser.ConfigParser(interpolation=None)
+    config.read_string(emailproxy_config(_peer_lab(tmp_path), 2993, tmp_path / "c.pem",
+                                         tmp_path / "k.pem", [a.user for a in accounts]))
+    server = config["IMAP-2993"]
+    assert (server["server_address"], server["server_port"]) == ("127.0.0.1", "1993")
+    assert server["local_certificate_path"] == str(tmp_path / "c.pem")
+    assert "local_starttls" not in server  # implicit TLS towards the client
+    assert config["a@example.com"]["token_url"] == "http://127.0.0.1:9/token"
+    assert config["b@example.com"]["client_secret"] == "secret"
+    assert "access-a" not in repr(accounts[0]) and "pw-a" not in repr(accounts[0])
+
+    iterations = 1000  # the real count takes a second per account; the format is the same
+    cache_text = emailproxy_cache(accounts, iterations=iterations, salt=lambda: b"s" * 16)
+    assert "access-a" not in cache_text and "refresh-b" not in cache_text
+    cache = configparser.ConfigParser(interpolation=None)
+    cache.read_string(cache_text)
+    for account in accounts:
+        entry = cache[account.user]
+        salt = base64.b64decode(entry["token_salt"])
+        assert salt == b"s" * 16 and int(entry["token_iterations"]) == iterations
+        assert int(entry["access_token_expiry"]) == account.expires_at
+        kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations)
+        fernet = Fernet(base64.urlsafe_b64encode(kdf.derive(account.password.encode())))
+        assert fernet.decrypt(entry["access_token"].encode()).decode() == account.access
+        assert fernet.decrypt(entry["refresh_token"].encode()).decode() == account.refresh
+
+
+def test_imapc_config_is_accepted_by_dovecot(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from bench.peers import PeerAccount, imapc_config, imapc_passwd_file
+
+    doveconf = shutil.which("doveconf", path="/usr/bin:/usr/sbin:/bin:/sbin")
+    if doveconf is None:
+        pytest.skip("Dovecot is not installed (.ci/setup installs it)")
+    for name in ("cert.pem", "key.pem"):
+        (tmp_path / name).write_text("")
+    owners = "default_login_user = root\ndefault_internal_user = root\nfirst_valid_uid = 0\n"
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(imapc_config(tmp_path, _peer_lab(tmp_path), 2995, "bench-imapc-test", owners))
+    done = subprocess.run([doveconf, "-c", str(conf), "-n"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    settings = dict(line.split(" = ", 1) for line in done.stdout.splitlines()
+                    if " = " in line and not line.startswith(" "))
+    assert settings["mail_location"] == "imapc:~/imapc"
+    assert (settings["imapc_host"], settings["imapc_port"]) == ("127.0.0.1", "1993")
+    assert (settings["imapc_ssl"], settings["imapc_sasl_mechanisms"]) == ("imaps", "xoauth2")
+    assert settings["imapc_user"] == "%u"
+    assert settings["ssl_client_ca_file"] == str(tmp_path / "ca.pem")
+
+    line = imapc_passwd_file([PeerAccount("a@example.com", "pw", "tok", "ref", 0)],
+                             tmp_path / "mail", 65534, 65534)
+    user, password, *_, extra = line.rstrip("\n").split(":")
+    assert (user, password) == ("a@example.com", "{PLAIN}pw")
+    fields = dict(f.split("=", 1) for f in extra.split())
+    assert fields == {"userdb_uid": "65534", "userdb_gid": "65534",
+                      "userdb_home": f"{tmp_path}/mail/a@example.com",
+                      "userdb_imapc_password": "tok"}
+    assert "ref" not in line  # only the access token reaches Dovecot
+
+
+def test_peer_rows_show_the_ratio_of_mailgate_to_each_peer() -> None:
+    from bench.peer_figures import PEER_FIGURES, PEER_NOTES, PEER_TWINS, peer_users
+    from bench.peers import EMAILPROXY, IMAPC
+
+    figure = Figure("4", "small FETCH", "raw socket", _m(1.0), _m(0.5), MaxDelta(0.5, "ms"),
+                    peers=((EMAILPROXY, _m(2.0)), (IMAPC, _m(None))))
+    table = format_table([figure])
+    vs_proxy = next(line for line in table.splitlines() if "mailgate vs emailproxy" in line)
+    assert "0.50x" in vs_proxy
+    vs_imapc = next(line for line in table.splitlines() if "mailgate vs imapc" in line)
+    assert "n/a (front end missing)" in vs_imapc
+    peers_json = to_json([figure], {}, {})["figures"][0]["peers"]
+    assert peers_json[EMAILPROXY]["mailgate_ratio"] == pytest.approx(0.5)
+    assert peers_json[IMAPC]["mailgate_ratio"] is None
+
+    assert set(PEER_FIGURES) == {1, 2, 4, 5, 6, 9} <= set(FIGURES)
+    assert set(PEER_NOTES) == set(PEER_FIGURES)
+    users = peer_users([4, 6, 9])
+    assert users == {EMAILPROXY: ["bench-small@example.com"],
+                     IMAPC: ["bench-big20@example.com", f"bench-{PEER_TWINS[0]}@example.com"]}
+    assert peer_users([3, 7, 8]) == {}
+
+
+def test_a_peer_that_is_not_running_gets_na_with_its_reason() -> None:
+    from bench.peer_figures import PEER_NOTES, with_peers
+    from bench.peers import EMAILPROXY, IMAPC, Peers, emailproxy_missing
+
+    rows = [Figure("9a", "first", "raw", _m(1.0), _m(1.0), NoTarget()),
+            Figure("9b", "later", "raw", _m(1.0), _m(1.0), NoTarget())]
+    peers = Peers(unavailable={IMAPC: "dovecot exited with 89"})
+    done = with_peers(9, rows, None, peers)  # type: ignore[arg-type]  # env unused when n/a
+    assert [row.peers for row in done] == [
+        ((IMAPC, Measurement.missing("dovecot exited with 89")),)] * 2
+    assert all(row.notes == (PEER_NOTES[9],) for row in done)
+    assert with_peers(3, rows, None, peers) == rows  # type: ignore[arg-type]  # no peer for 3
+    assert Peers().why_not(EMAILPROXY) == "not started"
+    assert "not installed" in (emailproxy_missing("/bin/false") or "")
