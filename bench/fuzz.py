@@ -12,15 +12,30 @@ hypothesis prints, shrunk, together with the ``@reproduce_failure`` line to past
 
 Hypothesis keeps its example database in ``.hypothesis/``: a failure found here is replayed
 first by every later run, including CI's short one, until it is fixed.
+
+``--inputs N`` runs the same properties coverage-guided instead: atheris (libFuzzer for Python,
+in the ``bench`` extra) instruments ``gateway`` and feeds each property N inputs through
+hypothesis's own fuzzer entry point (``fuzz_one_input``), so the assertions are exactly the
+properties' own. Each property runs in its own process (libFuzzer ends the process when it is
+done); ``-j`` of them at a time. It prints one line per property -- inputs executed, seconds,
+new coverage units, result -- and writes them to ``bench/results/fuzz-latest.json``. A failing
+input is saved as ``bench/results/fuzz-crash-*`` and the run says which property found it.
+
+    .venv/bin/python bench/fuzz.py --inputs 1000000 -j 2   # the recorded run (docs/security.md)
+    .venv/bin/python bench/fuzz.py --inputs 20000 -k pop3  # a quick look at one area
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel processes (pytest-xdist)")
     parser.add_argument("-k", dest="keyword", default=None,
-                        help="only the properties whose name matches (pytest -k)")
+                        help="only the properties whose name matches (pytest -k; with --inputs: "
+                             "a substring of the name)")
+    parser.add_argument("--inputs", type=int, default=None,
+                        help="coverage-guided (atheris): this many inputs per property")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODULE:FUNCTION, internal
     args = parser.parse_args(argv)
+    if args.one is not None:
+        return _fuzz_one(args.one, args.inputs or DEFAULT_EXAMPLES)
+    if args.inputs is not None:
+        return _coverage_guided(args.inputs, args.jobs, args.keyword)
 
     tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(FUZZ_TESTS))
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *tests,
@@ -53,6 +76,84 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {time.monotonic() - started:,.0f} s: "
           f"{'no failure found' if result.returncode == 0 else 'FAILED (see above)'}")
     return result.returncode
+
+
+# --- coverage-guided runs (atheris) ----------------------------------------------------------
+
+RESULTS = ROOT / "bench" / "results"
+_STAT = re.compile(r"stat::(number_of_executed_units|new_units_added):\s*(\d+)")
+
+
+def _properties(keyword: str | None) -> list[str]:
+    """``module:function`` of every hypothesis property in the fuzz test files."""
+    sys.path.insert(0, str(ROOT))
+    found = []
+    for path in sorted(ROOT.glob(FUZZ_TESTS)):
+        module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        module = importlib.import_module(module_name)
+        for name, fn in vars(module).items():
+            if name.startswith("test_") and hasattr(fn, "hypothesis"):
+                if keyword is None or keyword in name:
+                    found.append(f"{module_name}:{name}")
+    return found
+
+
+def _fuzz_one(target: str, inputs: int) -> int:
+    """Child process: feed one property ``inputs`` coverage-guided inputs (never returns)."""
+    import atheris  # the bench extra; imported here so the hypothesis mode does not need it
+
+    module_name, function = target.split(":")
+    sys.path.insert(0, str(ROOT))
+    with atheris.instrument_imports(include=["gateway"]):
+        module = importlib.import_module(module_name)
+    prop: Callable[..., object] = getattr(module, function)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atheris.Setup(
+        [sys.argv[0], f"-runs={inputs}", "-print_final_stats=1", "-rss_limit_mb=2048",
+         f"-artifact_prefix={RESULTS}/fuzz-crash-{function}-"],
+        prop.hypothesis.fuzz_one_input,  # type: ignore[attr-defined]
+    )
+    atheris.Fuzz()
+    return 0
+
+
+def _coverage_guided(inputs: int, jobs: int, keyword: str | None) -> int:
+    targets = _properties(keyword)
+    print(f"coverage-guided: {len(targets)} properties, {inputs:,} inputs each, {jobs} at a time",
+          flush=True)
+    started = time.monotonic()
+    pending = list(targets)
+    running: list[tuple[str, subprocess.Popen[str], float]] = []
+    results: list[dict[str, object]] = []
+    failed = False
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            target = pending.pop(0)
+            child = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--one", target,
+                 "--inputs", str(inputs)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running.append((target, child, time.monotonic()))
+        target, child, began = running.pop(0)
+        output, _ = child.communicate()
+        stats = {k: int(v) for k, v in _STAT.findall(output)}
+        ok = child.returncode == 0 and stats.get("number_of_executed_units", 0) >= inputs
+        failed |= not ok
+        row = {"property": target.split(":")[1], "inputs": stats.get("number_of_executed_units", 0),
+               "seconds": round(time.monotonic() - began), "new_units": stats.get("new_units_added", 0),
+               "result": "no failure" if ok else f"FAILED (exit {child.returncode})"}
+        results.append(row)
+        print(f"{row['property']:<70} {row['inputs']:>10,} inputs {row['seconds']:>6} s "
+              f"{row['new_units']:>5} units  {row['result']}", flush=True)
+        if not ok:
+            print(output[-4000:], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "fuzz-latest.json").write_text(json.dumps(
+        {"inputs_per_property": inputs, "seconds": round(time.monotonic() - started),
+         "properties": results}, indent=2) + "\n")
+    print(f"done in {time.monotonic() - started:,.0f} s: "
+          f"{'no failure found' if not failed else 'FAILED (see above)'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
