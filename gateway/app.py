@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import trio
@@ -65,6 +66,13 @@ def _register_secrets(config: Config) -> None:
             register_secret(provider.client_secret.get_secret_value())
     if config.admin.token is not None:
         register_secret(config.admin.token.get_secret_value())
+    if config.notify.webhook_token is not None:
+        register_secret(config.notify.webhook_token.get_secret_value())
+    for provider in config.providers.values():  # proxy passwords
+        for url in (provider.https_proxy, provider.upstream_proxy):
+            password = urlsplit(url).password if url else None
+            if password:
+                register_secret(password)
 
 
 def build(config: Config) -> tuple[GatewayContext, GatewayServer]:

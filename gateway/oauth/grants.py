@@ -46,7 +46,10 @@ def scopes_for(provider: "ProviderConfig") -> list[str]:
 
 
 async def _token(provider: "ProviderConfig", form: dict[str, str], timeout: float) -> TokenResponse:
-    return await request_token(provider.token_url, form, timeout=timeout, ca_file=provider.ca_file)
+    return await request_token(
+        provider.token_url, form, timeout=timeout, ca_file=provider.ca_file,
+        proxy=provider.https_proxy, trust_env=provider.trust_env,
+    )
 
 
 async def refresh(provider: "ProviderConfig", refresh_token: str, *, timeout: float) -> TokenResponse:
@@ -99,7 +102,10 @@ async def start_device_authorization(provider: "ProviderConfig", *, timeout: flo
     assert provider.device_url, "the config requires device_url for flow 'device'"
     form = {**_client(provider), "scope": " ".join(scopes_for(provider))}
     form.pop("client_secret", None)
-    return await post_form(provider.device_url, form, timeout=timeout, ca_file=provider.ca_file)
+    return await post_form(
+        provider.device_url, form, timeout=timeout, ca_file=provider.ca_file,
+        proxy=provider.https_proxy, trust_env=provider.trust_env,
+    )
 
 
 async def poll_device(provider: "ProviderConfig", device_code: str, *, timeout: float) -> TokenResponse:

@@ -76,6 +76,7 @@ from ..protocol.imap_responses import (
     ResponseFramer,
     capabilities_of,
 )
+from .proxy import open_tunnel
 
 log = logging.getLogger("mailgate.upstream")
 
@@ -880,18 +881,24 @@ async def connect(
     connect_timeout: float,
     command_timeout: float,
     max_line: int = 65536,
+    proxy: str | None = None,
 ) -> UpstreamIMAP:
     """Open a verified TLS connection (``implicit`` or ``starttls``), read the greeting and
-    learn the capabilities. Everything up to here shares ``connect_timeout``."""
+    learn the capabilities. Everything up to here shares ``connect_timeout``. With ``proxy``
+    (an ``http://`` URL) the TCP connection is a CONNECT tunnel through that proxy."""
     where = f"{host}:{port}"
     tls_ctx = make_tls_context(ca_file)
     try:
         with trio.fail_after(connect_timeout):
-            try:
-                tcp = await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                raise UpstreamError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp: trio.abc.Stream
+            if proxy is not None:  # an HTTP CONNECT tunnel (gateway/upstream/proxy.py)
+                tcp = await open_tunnel(proxy, host, port)
+            else:
+                try:
+                    tcp = await trio.open_tcp_stream(host, port)
+                except OSError as exc:
+                    raise UpstreamError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             stream: trio.abc.Stream = tcp
             if tls == "implicit":
                 stream = trio.SSLStream(tcp, tls_ctx, server_hostname=host, https_compatible=False)

@@ -162,6 +162,7 @@ async def _open(account: TokenSource, limits: Limits, slots: UpstreamSlots | Non
             connect_timeout=limits.upstream_connect_timeout,
             command_timeout=limits.upstream_command_timeout,
             max_line=limits.max_line,
+            proxy=provider.upstream_proxy,
         )
     except BaseException:
         if slot is not None:
