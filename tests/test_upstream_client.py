@@ -98,7 +98,7 @@ async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth
     assert account.refreshes == 1
     assert account.token not in str(info.value)
     assert events == [{"type": "upstream.error", "user": lab_user, "upstream": account.provider.imap,
-                       "reason": "reauthorization_required"}]
+                       "reason": "reauthorization_required", "detail": str(info.value)}]
 
 
 async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:
