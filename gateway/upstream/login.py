@@ -23,7 +23,8 @@ server answer                                            result
 =======================================================  =====================================
 OAuth error challenge / ``NO`` (``AUTHENTICATIONFAILED``)  token rejected → refresh once
 ``NO [UNAVAILABLE]``, ``Suggested Backoff Time``,        ``TemporaryFailure`` (``UpstreamError``)
-``Too many simultaneous connections``, ``[INUSE]``
+``Too many simultaneous connections``, ``[INUSE]``,
+Gmail's ``exceeded command or bandwidth limits``
 ``BAD User is authenticated but not connected.``         ``ReauthorizationRequired`` (the token
 (Microsoft: wrong mailbox or missing permission)         is fine, the mailbox grant is not)
 any other ``BAD``                                        ``UpstreamError``
@@ -62,7 +63,8 @@ log = logging.getLogger("mailgate.upstream")
 __all__ = ["AuthVerdict", "classify_auth_failure", "open_upstream", "authenticate"]
 
 _TEMPORARY_CODES = frozenset({"UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG", "OVERQUOTA"})
-_TEMPORARY_PHRASES = ("suggested backoff time", "too many simultaneous", "throttled", "try again later")
+_TEMPORARY_PHRASES = ("suggested backoff time", "too many simultaneous", "throttled", "try again later",
+                      "bandwidth limits")
 _NOT_CONNECTED = "authenticated but not connected"
 
 
