@@ -203,7 +203,7 @@ def test_sovereign_microsoft_clouds(preset: str, login: str, imap: str, app_only
 
 
 def test_gmail_service_account_may_use_the_imap_admin_scope() -> None:
-    from gateway.oauth.providers import GMAIL_IMAP_ADMIN_SCOPE
+    from gateway.presets import GMAIL_IMAP_ADMIN_SCOPE
 
     provider = _provider({"preset": "gmail", "flow": "service_account",
                           "service_account_key_file": "sa.json",
