@@ -51,7 +51,6 @@ def test_a_revoked_grant_is_notified_once_until_it_works_again() -> None:
     for t in range(101, 200):
         assert tracker.feed(revoked(), t) == []
         assert tracker.feed(fresh_token_refused, t) == []
-        assert tracker.tick(t) == []
     assert types(tracker.feed({"type": "token.refreshed", "user": "alice", "valid_until": 5000.0}, 300)) == [
         "account.reauthorized"]
     assert tracker.accounts["alice"].token_valid_until == 5000.0
@@ -65,20 +64,24 @@ def test_a_flapping_upstream_notifies_failing_once_and_recovered_once() -> None:
     # Short blips (failures, then a success within the threshold) never page anyone.
     for start in (0, 100, 200):
         out += tracker.feed(down(), start) + tracker.feed(down(), start + 10)
-        out += tracker.tick(start + 20) + tracker.feed(up(), start + 25)
+        out += tracker.feed(down(), start + 20) + tracker.feed(up(), start + 25)
     assert out == []
     # A failure period longer than the threshold: one "failing", whatever the number of errors.
     for t in range(1000, 1100, 5):
-        out += tracker.feed(down(), t) + tracker.tick(t + 1)
+        out += tracker.feed(down(), t)
     assert types(out) == ["upstream.failing"]
+    assert out[0].time == 1030  # the first failure 30 s after the first one
     assert out[0].fields["since"] == 1000 and "cannot connect" in out[0].fields["detail"]
     # The next success: one "recovered", with how long it failed; successes after it: nothing.
     out += tracker.feed(up(), 1200) + tracker.feed(up(), 1201)
     assert types(out) == ["upstream.failing", "upstream.recovered"]
     assert out[1].fields["failed_for"] == 200
-    # It fails long enough again: a new state, a new notification (found by the clock alone).
-    assert tracker.feed(down(), 2000) == [] and tracker.tick(2029) == []
-    assert types(tracker.tick(2030)) == ["upstream.failing"]
+    # One failure and then silence (nobody tried again) is no outage: no page, however long.
+    assert tracker.feed(down(), 2000) == []
+    assert tracker.feed(up(), 9000) == []
+    # It fails long enough again: a new state, a new notification.
+    assert tracker.feed(down(), 10000) == [] and tracker.feed(down(), 10029) == []
+    assert types(tracker.feed(down(), 10030)) == ["upstream.failing"]
 
 
 def test_a_refused_feature_is_notified_once_per_feature() -> None:
@@ -91,7 +94,7 @@ def test_a_refused_feature_is_notified_once_per_feature() -> None:
     first = tracker.feed(imap, 1)
     assert types(first) == ["account.feature_refused"]
     assert "Set-CASMailbox -ImapEnabled" in first[0].action
-    assert tracker.feed(imap, 2) == [] and tracker.tick(1000) == []
+    assert tracker.feed(imap, 2) == [] and tracker.feed(imap, 1000) == []
     assert not tracker.accounts["alice"].needs_reauthorization  # not a dead grant
     assert "SmtpClientAuthenticationDisabled" in tracker.feed(smtp, 3)[0].action
     assert tracker.feed(smtp, 4) == []
@@ -116,12 +119,12 @@ def test_the_state_survives_a_restart() -> None:
     tracker = HealthTracker(failing_after=30, expiry_days=14)
     tracker.feed(revoked(), 1)
     tracker.feed(down("bob"), 1)
-    tracker.tick(100)
+    assert types(tracker.feed(down("bob"), 100)) == ["upstream.failing"]
     tracker.check_certificate("/c.pem", 5 * DAY, 0)
     saved = json.loads(json.dumps(tracker.snapshot()))
     again = HealthTracker(failing_after=30, expiry_days=14)
     again.restore({**saved, "accounts": {**saved["accounts"], "junk": "x", "odd": {"nope": 1}}})
-    assert again.feed(revoked(), 200) == [] and again.tick(300) == []
+    assert again.feed(revoked(), 200) == [] and again.feed(down("bob"), 300) == []
     assert again.check_certificate("/c.pem", 5 * DAY, DAY) == []
     assert types(again.feed(up("bob"), 400)) == ["upstream.recovered"]
 
@@ -188,7 +191,9 @@ async def test_notifier_delivers_through_a_bounded_queue_and_persists(tmp_path: 
             bus.publish(revoked())
             bus.publish(revoked())
             bus.publish(down("bob"))
-            await wait_for(lambda: len(hook.notifications) == 2)  # bob: found by the clock
+            await trio.sleep(0.3)
+            bus.publish(down("bob"))  # still failing after upstream_failing_after
+            await wait_for(lambda: len(hook.notifications) == 2)
             assert [n["type"] for n in hook.notifications] == [
                 "account.reauthorization_required", "upstream.failing"]
             await wait_for(lambda: len(pages(out)) == 2)

@@ -16,13 +16,15 @@ Rules, per account (a ``[users.X]`` name), written first:
    number of further failures, logins or restarts (the state is persisted) notify nothing.
    ``token.refreshed``, ``account.authorized`` or ``upstream.connected`` end the state and
    notify ``account.reauthorized``.
-2. **Failing upstream.** The first ``upstream.error`` (any other reason: the server, the
-   network, the identity provider being down) after a success starts a failure period. When
-   it has lasted ``failing_after`` seconds without one ``upstream.connected`` (checked on every
-   event and on :meth:`HealthTracker.tick`), notify ``upstream.failing`` once. The next
-   ``upstream.connected`` ends the period; if ``failing`` was sent it notifies
-   ``upstream.recovered`` (with how long it failed), else nothing: a blip shorter than the
-   threshold, or an upstream that flaps faster than it, costs no one a page.
+2. **Failing upstream.** The first ``upstream.error`` or temporary ``token.failed`` (the
+   server, the network, the identity provider being down) after a success starts a failure
+   period. When failures have been *seen* over ``failing_after`` seconds (a failure at least
+   that long after the first one) without one ``upstream.connected`` in between, notify
+   ``upstream.failing`` once. Evidence, not the clock: one failure followed by silence (nobody
+   tried again) is not an outage, and pages no one. The next ``upstream.connected`` ends the
+   period; if ``failing`` was sent it notifies ``upstream.recovered`` (with how long it
+   failed), else nothing: a blip shorter than the threshold, or an upstream that flaps faster
+   than it, costs no one a page.
 3. **A refused feature.** ``upstream.error`` with ``feature`` (``imap``, ``smtp``: the provider
    accepted the token but refuses IMAP or SMTP AUTH for the mailbox) notifies
    ``account.feature_refused`` once per feature; ``upstream.connected`` forgets the IMAP
@@ -136,16 +138,9 @@ class HealthTracker:
             out += self._feature_refused(user, health, event["feature"], detail, now)
         elif event.get("reason") == REAUTH:
             out += self._needs_reauthorization(user, health, detail, now)
-        elif kind == "upstream.error" or (kind == "token.failed"):
+        else:  # upstream.error or token.failed, for any other reason
             if health.failing_since is None:
                 health.failing_since = now
-            out += self._check_failing(user, health, now)
-        return out
-
-    def tick(self, now: float) -> list[Notification]:
-        """Failure periods that have now lasted long enough."""
-        out: list[Notification] = []
-        for user, health in self.accounts.items():
             out += self._check_failing(user, health, now)
         return out
 

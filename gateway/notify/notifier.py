@@ -12,10 +12,10 @@ task in the app's nursery (:meth:`Notifier.run`).
   it never waits: publishing an event costs a session nothing more than before.
 * :meth:`Notifier.run` consumes that queue in one task, delivering each notification in turn
   (:mod:`gateway.notify.delivery`: the ``[notify] command`` and the webhook); a second small
-  task ticks the tracker (a failure period reaching ``upstream_failing_after`` with no new
-  event), checks the listener certificate at start and every day, and writes the tracker's
-  state to ``state_dir/health.json`` after a change (atomically, in a worker thread), which
-  ``mailgate accounts`` reads and a restart restores, so a restart repeats no notification.
+  task checks the listener certificate at start and every day, and writes the tracker's state
+  to ``state_dir/health.json`` after a change (atomically, in a worker thread, at most once per
+  ``HEALTH_WRITE_INTERVAL``), which ``mailgate accounts`` reads and a restart restores, so a
+  restart repeats no notification.
 * Every notification is also logged (warning; ``info`` for the good news), so an operator
   without ``[notify]`` still finds it in the log.
 * SIGHUP (:meth:`Notifier.update_config`): new thresholds, command, webhook and certificate
@@ -46,6 +46,7 @@ log = logging.getLogger("mailgate.notify")
 
 HEALTH_FILE = "health.json"
 CERTIFICATE_CHECK_INTERVAL = 86400.0  # the listener certificate is checked daily (and at start)
+HEALTH_WRITE_INTERVAL = 1.0  # health.json is rewritten at most this often
 GOOD_NEWS = frozenset({"upstream.recovered", "account.reauthorized"})
 
 
@@ -144,17 +145,14 @@ class Notifier:
                 await deliver(notification, self.config)
                 self.delivered += 1
 
-    def _tick_interval(self) -> float:
-        return min(30.0, max(0.05, self.tracker.failing_after / 4))
-
     async def _housekeeping(self) -> None:
         self.check_certificate()
         next_certificate_check = trio.current_time() + CERTIFICATE_CHECK_INTERVAL
         while True:
-            with trio.move_on_after(self._tick_interval()):
+            with trio.move_on_at(next_certificate_check):
                 await self._wake.wait()
+                await trio.sleep(HEALTH_WRITE_INTERVAL)  # coalesce a burst of changes
             self._wake = trio.Event()
-            self._emit(self.tracker.tick(self._clock()))
             if trio.current_time() >= next_certificate_check:
                 self.check_certificate()
                 next_certificate_check = trio.current_time() + CERTIFICATE_CHECK_INTERVAL
