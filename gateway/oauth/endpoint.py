@@ -129,8 +129,9 @@ async def post_form(
     except httpx.ProxyError as exc:
         raise _proxy_refusal(exc, proxy, host) from None
     except httpx.HTTPError as exc:
+        via = f" through proxy {_proxy_where(proxy)}" if proxy else ""
         raise TemporaryFailure(
-            f"identity provider {host} unreachable ({type(exc).__name__})"
+            f"identity provider {host} unreachable{via} ({type(exc).__name__})"
         ) from None
     return _decode(response, host, proxy)
 
