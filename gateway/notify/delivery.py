@@ -87,7 +87,8 @@ async def post_webhook(config: Config, body: bytes) -> bool:
         if problem is None:
             return True
         if problem.startswith("HTTP 4") and not problem.startswith("HTTP 429"):
-            log.error("notify: webhook %s refused the notification (%s); not retried", host, problem)
+            log.error("notify: webhook %s refused the notification (%s); not retried",
+                      host, problem)
             return False
         if attempt < limits.notify_webhook_attempts:
             log.warning("notify: webhook %s failed (%s); retry %d in %g s", host, problem,

@@ -85,7 +85,8 @@ class Notifier:
         )
         self.tracker.restore(read_health(config.server.state_dir))
         self.tracker.changed = False
-        self._send, self._receive = trio.open_memory_channel[Notification](config.limits.notify_queue)
+        self._send, self._receive = trio.open_memory_channel[Notification](
+            config.limits.notify_queue)
         self.dropped = 0
         self.delivered = 0
         self._wake = trio.Event()
@@ -166,4 +167,5 @@ class Notifier:
         try:
             await trio.to_thread.run_sync(_write_health, self.config.server.state_dir, data)
         except OSError as exc:
-            log.error("notify: cannot write %s: %s", self.config.server.state_dir / HEALTH_FILE, exc)
+            log.error("notify: cannot write %s: %s",
+                      self.config.server.state_dir / HEALTH_FILE, exc)

@@ -60,7 +60,9 @@ def _when(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _describe(config: Config, store: CredentialStore, name: str, health: AccountHealth) -> AccountLine:
+def _describe(
+    config: Config, store: CredentialStore, name: str, health: AccountHealth
+) -> AccountLine:
     user = config.users[name]
     provider = config.provider_for(user)
     problem = account_problem(store, name, provider)
@@ -124,7 +126,8 @@ def accounts_report(config: Config, stdout: TextIO, *, as_json: bool = False) ->
     else:
         now = time.time()
         for line in lines:
-            stdout.write(f"{line.name}: {line.provider} ({line.flow}), upstream user {line.upstream_user}\n")
+            stdout.write(f"{line.name}: {line.provider} ({line.flow}), "
+                         f"upstream user {line.upstream_user}\n")
             stdout.write(f"  token:      {line.token}\n")
             if line.token_valid_until is not None:
                 state = "valid until" if line.token_valid_until > now else "expired at"
