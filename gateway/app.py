@@ -6,7 +6,9 @@ Theory of operation
 the credential store (:func:`~gateway.oauth.store.open_store`), the
 :class:`~gateway.oauth.accounts.AccountManager`, the
 :class:`~gateway.upstream.connector.UpstreamConnector` and the event bus; it also registers the
-configured secrets (client secrets, the admin token) with :func:`gateway.logs.register_secret`.
+configured secrets (client secrets, the admin token, proxy passwords) with
+:func:`gateway.logs.register_secret`, and the :class:`~gateway.notify.notifier.Notifier`
+observing the bus (run as one task of :func:`serve`'s nursery).
 :func:`build` adds the TLS certificate and the server, and :func:`serve` runs them in one
 nursery until SIGTERM/SIGINT:
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import trio
@@ -36,6 +39,7 @@ from .context import GatewayContext
 from .errors import ConfigError
 from .events import EventBus
 from .logs import register_secret
+from .notify.notifier import Notifier
 from .oauth.accounts import AccountManager
 from .oauth.store import open_store
 from .server import GatewayServer, make_server_ssl_context
@@ -50,12 +54,15 @@ def build_context(config: Config) -> GatewayContext:
     _register_secrets(config)
     events = EventBus()
     store = open_store(config)
+    notifier = Notifier(config)
+    events.observe(notifier.observe)
     return GatewayContext(
         config=config,
         accounts=AccountManager(config, store=store, events=events),
         events=events,
         connector=UpstreamConnector(config, publish=events.publish),
         store=store,
+        notifier=notifier,
     )
 
 
@@ -65,6 +72,13 @@ def _register_secrets(config: Config) -> None:
             register_secret(provider.client_secret.get_secret_value())
     if config.admin.token is not None:
         register_secret(config.admin.token.get_secret_value())
+    if config.notify.webhook_token is not None:
+        register_secret(config.notify.webhook_token.get_secret_value())
+    for provider in config.providers.values():  # proxy passwords
+        for url in (provider.https_proxy, provider.upstream_proxy):
+            password = urlsplit(url).password if url else None
+            if password:
+                register_secret(password)
 
 
 def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
@@ -95,6 +109,8 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
     ctx.config = config
     ctx.accounts.update_config(config)
     ctx.connector.update_config(config)
+    if ctx.notifier is not None:
+        ctx.notifier.update_config(config)
     if any(lst.tls != "none" for lst in config.listeners) and server.ssl_context is not None:
         try:
             server.ssl_context = make_server_ssl_context(config)
@@ -109,6 +125,8 @@ async def serve(config: Config, config_path: Path) -> int:
     ctx, server = build(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        if ctx.notifier is not None:
+            await nursery.start(ctx.notifier.run)
         if config.admin.enabled:
             await nursery.start(serve_admin, server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -33,6 +33,7 @@ from .certs import ensure_certificate
 from .config import DEFAULT_CONFIG_NAME, Config, load_config
 from .errors import ConfigError, MailgateError, TemporaryFailure
 from .logs import setup_logging
+from .notify.report import accounts_report
 from .oauth.commands import account_status, authorize, passwd
 
 log = logging.getLogger("mailgate")
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the listeners and the admin plane until SIGTERM")
     sub.add_parser("check", help="validate the config and the accounts; say what to fix")
     sub.add_parser("certs", help="create the TLS certificate if missing; print what clients trust")
+    p = sub.add_parser("accounts", help="every account: token state and expiry, last error, what to do")
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     p = sub.add_parser("passwd", help="set or change a user's local password")
     p.add_argument("user")
@@ -135,6 +138,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_accounts(args: argparse.Namespace) -> int:
+    return accounts_report(_load(args), sys.stdout, as_json=args.json)
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     return passwd(_load(args), args.user, password_stdin=args.password_stdin, reset=args.reset)
 
@@ -165,6 +172,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "check": cmd_check,
     "certs": cmd_certs,
+    "accounts": cmd_accounts,
     "passwd": cmd_passwd,
     "authorize": cmd_authorize,
 }

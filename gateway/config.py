@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,6 +158,50 @@ def _is_loopback(host: str) -> bool:
 Flow = Literal["authorization_code", "device", "client_credentials", "service_account"]
 
 
+def _valid_proxy_url(value: str | None) -> str | None:
+    """``http://[user:pass@]host:port`` (an empty string: no proxy)."""
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            "must be a proxy URL like 'http://proxy.example:3128' or 'http://user:pass@proxy:3128'"
+        )
+    return value
+
+
+ProxyURL = Annotated[str | None, AfterValidator(_valid_proxy_url)]
+
+
+class NetworkSection(_Section):
+    """How mailgate reaches the internet (see docs/configuration.md, ``[network]``)."""
+
+    https_proxy: ProxyURL = None  # identity-provider requests go through this HTTP proxy
+    trust_env: bool = False  # honour HTTPS_PROXY / NO_PROXY from the environment
+    upstream_proxy: ProxyURL = None  # HTTP CONNECT proxy for upstream IMAP connections
+
+
+class NotifySection(_Section):
+    """Telling a person: a command and/or a webhook (see docs/operations.md)."""
+
+    command: list[str] = Field(default_factory=list)  # run with the event as JSON on stdin
+    webhook_url: str | None = None  # JSON POST of every notification
+    webhook_token: SecretStr | None = None  # sent as "Authorization: Bearer ..."
+    upstream_failing_after: float = Field(300, ge=0)  # seconds of failures before "failing"
+    certificate_expiry_days: int = Field(14, ge=1)  # warn this many days before expiry
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
 class ProviderConfig(_Section):
     """One upstream: where its IMAP server is and how to get tokens for it."""
 
@@ -184,6 +229,10 @@ class ProviderConfig(_Section):
     key_file: Path | None = None
     # Extra authorize-URL parameters (e.g. access_type=offline, prompt=consent for Google).
     authorize_params: dict[str, str] = Field(default_factory=dict)
+    # Outbound proxies; each defaults to the same key of [network] (an empty string: none).
+    https_proxy: ProxyURL = None
+    trust_env: bool = False
+    upstream_proxy: ProxyURL = None
 
     @property
     def imap_host(self) -> str:
@@ -247,6 +296,12 @@ class Limits(_Section):
     # Upstream.
     upstream_connections_per_account: int = Field(10, ge=1)
     upstream_slot_wait: float = Field(30, ge=0)
+    # Notifications ([notify]).
+    notify_queue: int = Field(100, ge=1)  # notifications waiting for delivery; more are dropped
+    notify_command_timeout: float = Field(10, gt=0)  # the notify command is killed after this
+    notify_webhook_timeout: float = Field(10, gt=0)  # one webhook POST
+    notify_webhook_attempts: int = Field(5, ge=1)  # POSTs per notification before giving up
+    notify_webhook_backoff: float = Field(2, ge=0)  # first retry delay; doubles each time
 
 
 class Config(_Section):
@@ -259,6 +314,8 @@ class Config(_Section):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
     limits: Limits = Limits()
+    network: NetworkSection = NetworkSection()
+    notify: NotifySection = NotifySection()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -270,8 +327,17 @@ class Config(_Section):
 # Loading
 
 
+# The [network] keys every provider inherits unless its own table sets them.
+NETWORK_PROVIDER_KEYS = ("https_proxy", "trust_env", "upstream_proxy")
+
+
 def _merge_providers(raw: dict[str, Any], problems: list[str]) -> None:
     presets = PRESETS
+    network = raw.get("network")
+    inherited = (
+        {k: network[k] for k in NETWORK_PROVIDER_KEYS if k in network}
+        if isinstance(network, dict) else {}
+    )
     providers = raw.get("providers")
     if providers is None:
         return
@@ -294,7 +360,7 @@ def _merge_providers(raw: dict[str, Any], problems: list[str]) -> None:
             else:
                 base = dict(presets[preset_name])
                 base["preset"] = preset_name
-        merged = {**base, **table, "name": name}
+        merged = {**base, **inherited, **table, "name": name}
         tenant = merged.get("tenant")
         for key in ("authorize_url", "token_url", "device_url"):
             url = merged.get(key)

@@ -10,10 +10,14 @@ keep the objects they started with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config
 from .events import EventBus
 from .ports import Accounts, CredentialStore, UpstreamConnector
+
+if TYPE_CHECKING:
+    from .notify.notifier import Notifier
 
 
 @dataclass
@@ -23,3 +27,5 @@ class GatewayContext:
     events: EventBus
     connector: UpstreamConnector
     store: CredentialStore
+    # Observes ``events``; run by ``gateway.app.serve`` (None: no notifications, e.g. in tests).
+    notifier: Notifier | None = None

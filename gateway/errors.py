@@ -9,6 +9,7 @@ exception                  IMAP answer                           POP3 answer
 =========================  ====================================  ===========================
 AuthenticationFailed       NO [AUTHENTICATIONFAILED]             -ERR [AUTH]
 ReauthorizationRequired    NO [AUTHENTICATIONFAILED] + [ALERT]   -ERR [AUTH] (+ advice)
+FeatureRefused             (a ReauthorizationRequired)           (the same)
 TemporaryFailure           NO [UNAVAILABLE]                      -ERR [SYS/TEMP]
 =========================  ====================================  ===========================
 """
@@ -44,6 +45,17 @@ class ReauthorizationRequired(MailgateError):
         if detail:
             msg += f": {detail}"
         super().__init__(msg)
+
+
+class FeatureRefused(ReauthorizationRequired):
+    """The provider accepted the token but refuses a whole feature for this mailbox: IMAP
+    (Microsoft's ``User is authenticated but not connected``: IMAP disabled for the mailbox, a
+    wrong ``upstream_user`` or a missing mailbox permission) or SMTP AUTH (``5.7.139``). The
+    mailbox's admin must act; ``feature`` is ``"imap"`` or ``"smtp"``."""
+
+    def __init__(self, user: str, feature: str, detail: str = ""):
+        super().__init__(user, detail)
+        self.feature = feature
 
 
 class TemporaryFailure(MailgateError):

@@ -24,9 +24,12 @@ login.failed             protocol, peer, user (as typed), reason: bad_credential
                          reauthorization_required | temporary | plaintext_refused
 session.closed           protocol, peer, user, bytes_in, bytes_out, duration, outcome    server
 upstream.connected       user, upstream (host:port), latency_ms                          upstream
-upstream.error           user, upstream (host:port), reason                              upstream
-token.refreshed          user, provider                                                  oauth
-token.failed             user, provider, reason: reauthorization_required | temporary    oauth
+upstream.error           user, upstream (host:port), reason, detail (the message), and   upstream
+                         feature (imap | smtp) when the provider refuses a whole feature
+                         for the mailbox (:func:`upstream_error_event` builds it)
+token.refreshed          user, provider, valid_until (wall clock)                        oauth
+token.failed             user, provider, reason: reauthorization_required | temporary,   oauth
+                         detail (the OAuth error code or the message)
 config.reloaded          users                                                           app
 account.authorized       user, provider (an admin completed /authorize/USER)             admin
 ======================== =============================================================== =========
@@ -43,10 +46,36 @@ from typing import Any
 
 import trio
 
+from .errors import FeatureRefused, ReauthorizationRequired, TemporaryFailure, UpstreamError
+
 log = logging.getLogger("mailgate.events")
 
 RECENT_EVENTS = 200  # kept for the status page
 SUBSCRIBER_QUEUE = 256  # events a subscriber may fall behind before it is dropped
+MAX_DETAIL = 300  # characters of an error message kept in an event
+
+
+def error_reason(exc: BaseException) -> str:
+    """The ``reason`` of an ``upstream.error`` event for ``exc``."""
+    if isinstance(exc, ReauthorizationRequired):
+        return "reauthorization_required"
+    if isinstance(exc, UpstreamError):
+        return "upstream"
+    if isinstance(exc, TemporaryFailure):
+        return "temporary"
+    return type(exc).__name__
+
+
+def upstream_error_event(user: str, upstream: str, exc: BaseException) -> dict[str, Any]:
+    """The ``upstream.error`` event for a failed upstream connection (IMAP or SMTP) of ``user``
+    (a ``[users.X]`` name); the messages of mailgate's exceptions carry no secret."""
+    event: dict[str, Any] = {
+        "type": "upstream.error", "user": user, "upstream": upstream,
+        "reason": error_reason(exc), "detail": str(exc)[:MAX_DETAIL],
+    }
+    if isinstance(exc, FeatureRefused):
+        event["feature"] = exc.feature
+    return event
 
 
 class EventBus:

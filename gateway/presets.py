@@ -9,6 +9,10 @@ is replaced by the provider's ``tenant`` key (default ``organizations``).
 Sources: Google's XOAUTH2 and OAuth 2.0 for desktop apps documentation; Microsoft identity
 platform v2.0 endpoints and "Authenticate an IMAP, POP or SMTP connection using OAuth"; the
 provider tables of Thunderbird and other open-source mail clients for Yahoo, AOL and Fastmail.
+The sovereign Microsoft clouds: Microsoft Entra "National clouds" (authorities) and the
+Microsoft 365 endpoint lists for GCC High, DoD and 21Vianet (IMAP hosts); their IMAP scopes are
+what open-source clients use, not stated by Microsoft (docs/providers.md marks them UNCONFIRMED;
+override ``scopes`` if a tenant needs others).
 """
 
 from __future__ import annotations
@@ -21,6 +25,33 @@ MICROSOFT_IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
 MICROSOFT_POP_SCOPE = "https://outlook.office.com/POP.AccessAsUser.All"
 # App-only (client credentials) access to Exchange Online mailboxes.
 MICROSOFT_APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
+# Google Workspace domain-wide delegation (flow "service_account") may ask for this scope
+# instead of https://mail.google.com/: every label and message is visible over IMAP.
+GMAIL_IMAP_ADMIN_SCOPE = "https://www.googleapis.com/auth/gmail.imap_admin"
+
+# Microsoft 365 GCC High and DoD (Azure Government identity) and Microsoft 365 operated by
+# 21Vianet (China): their own authorities, IMAP hosts and Exchange resources.
+US_GOVERNMENT_LOGIN = "https://login.microsoftonline.us/{tenant}/oauth2/v2.0"
+US_GOVERNMENT_EXCHANGE = "https://outlook.office365.us"
+CHINA_LOGIN = "https://login.partner.microsoftonline.cn/{tenant}/oauth2/v2.0"
+CHINA_EXCHANGE = "https://partner.outlook.cn"
+
+
+def _microsoft_cloud(login: str, imap: str, exchange: str) -> dict[str, Any]:
+    return {
+        "kind": "microsoft365",
+        "imap": imap,
+        "imap_tls": "implicit",
+        "sasl": "xoauth2",
+        "flow": "authorization_code",
+        "tenant": "organizations",
+        "authorize_url": login + "/authorize",
+        "token_url": login + "/token",
+        "device_url": login + "/devicecode",
+        "scopes": [exchange + "/IMAP.AccessAsUser.All", exchange + "/POP.AccessAsUser.All",
+                   "offline_access"],
+    }
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gmail": {
@@ -60,6 +91,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device_url": MICROSOFT_LOGIN + "/devicecode",
         "scopes": [MICROSOFT_IMAP_SCOPE, MICROSOFT_POP_SCOPE, "offline_access"],
     },
+    "microsoft365_gcchigh": _microsoft_cloud(
+        US_GOVERNMENT_LOGIN, "outlook.office365.us:993", US_GOVERNMENT_EXCHANGE),
+    "microsoft365_dod": _microsoft_cloud(
+        US_GOVERNMENT_LOGIN, "outlook-dod.office365.us:993", US_GOVERNMENT_EXCHANGE),
+    "microsoft365_china": _microsoft_cloud(CHINA_LOGIN, "partner.outlook.cn:993", CHINA_EXCHANGE),
     "yahoo": {
         "kind": "yahoo",
         "imap": "imap.mail.yahoo.com:993",

@@ -176,26 +176,27 @@ class Account:
                 raise TemporaryFailure(f"identity provider: {exc}") from None
             log.warning("account %s: identity provider refused the grant: %s", self.name, exc)
             await self._record_status(STATUS_NEEDS_REAUTHORIZATION, exc.error)
-            self._event("token.failed", reason="reauthorization_required")
+            self._event("token.failed", reason="reauthorization_required", detail=exc.error)
             raise ReauthorizationRequired(self.name, exc.error) from None
-        except ReauthorizationRequired:
-            self._event("token.failed", reason="reauthorization_required")
+        except ReauthorizationRequired as exc:
+            self._event("token.failed", reason="reauthorization_required", detail=str(exc))
             raise
         except TemporaryFailure as exc:
             log.warning("account %s: token request failed: %s", self.name, exc)
-            self._event("token.failed", reason="temporary")
+            self._event("token.failed", reason="temporary", detail=str(exc))
             raise
         except StoreError as exc:
             log.error("account %s: state store unavailable: %s", self.name, exc)
-            self._event("token.failed", reason="temporary")
+            self._event("token.failed", reason="temporary", detail="credential store unavailable")
             raise TemporaryFailure("credential store unavailable") from None
         register_secret(answer.access_token)
         register_secret(answer.refresh_token)
         await self._record_status(STATUS_OK, "")
-        self._event("token.refreshed")
+        valid_until = time.time() + answer.expires_in if answer.expires_in else None
+        self._event("token.refreshed", valid_until=valid_until)
         return answer
 
-    def _event(self, kind: str, **fields: str) -> None:
+    def _event(self, kind: str, **fields: object) -> None:
         if self._publish is not None:
             self._publish({"type": kind, "user": self.name, "provider": self.provider.name,
                            **fields})

@@ -265,7 +265,7 @@ def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
         return EXIT_FAILED
     worst = EXIT_OK
     for name, user in sorted(config.users.items()):
-        problem = _account_problem(store, name, config.provider_for(user))
+        problem = account_problem(store, name, config.provider_for(user))
         if problem:
             worst = EXIT_FAILED
             stdout.write(f"{name}: {problem}\n")
@@ -274,7 +274,8 @@ def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
     return worst
 
 
-def _account_problem(store: "CredentialStore", name: str, provider: "ProviderConfig") -> str | None:
+def account_problem(store: "CredentialStore", name: str, provider: "ProviderConfig") -> str | None:
+    """What keeps account ``name`` from working, with the command that fixes it (or None)."""
     record = store.account(name)
     if record is None:
         return f"not set up: run: mailgate authorize {name}"

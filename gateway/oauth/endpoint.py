@@ -13,8 +13,15 @@ Answers are classified for the callers:
   ``authorization_pending``, ...): the caller decides what it means for its flow;
 * 5xx, 429, a non-JSON answer, a timeout or any connection error → ``TemporaryFailure``.
 
-Secrets (codes, tokens, client secrets) are sent but never logged or put into an exception
-message; an error description from the identity provider is kept, shortened.
+Outbound proxy: ``proxy`` (the provider's ``https_proxy``, by default ``[network]
+https_proxy``) sends every request through that HTTP proxy (a ``CONNECT`` tunnel for https);
+``trust_env`` lets httpx honour ``HTTPS_PROXY`` / ``ALL_PROXY`` / ``NO_PROXY`` (and
+``SSL_CERT_FILE``) from the environment, which is ignored otherwise. An explicit ``proxy`` wins
+over the environment. A proxy that refuses the tunnel or wants credentials is a
+``TemporaryFailure`` naming the proxy (never its password) and its answer.
+
+Secrets (codes, tokens, client secrets, proxy passwords) are sent but never logged or put into
+an exception message; an error description from the identity provider is kept, shortened.
 """
 
 from __future__ import annotations
@@ -76,8 +83,31 @@ def _host(url: str) -> str:
         return "?"
 
 
+def _proxy_where(proxy: str) -> str:
+    """``host:port`` of a proxy URL: what messages may show (never its credentials)."""
+    try:
+        parsed = httpx.URL(proxy)
+        return f"{parsed.host}:{parsed.port}" if parsed.port else parsed.host or "?"
+    except (httpx.InvalidURL, TypeError):
+        return "?"
+
+
+def _proxy_refusal(exc: httpx.ProxyError, proxy: str | None, host: str) -> TemporaryFailure:
+    where = _proxy_where(proxy) if proxy else "the proxy from the environment"
+    answer = str(exc)[:MAX_DESCRIPTION_CHARS]
+    if answer.startswith(("407", "401")):  # tinyproxy answers wrong credentials with 401
+        return TemporaryFailure(
+            f"proxy {where} wants credentials to reach identity provider {host} ({answer}): "
+            "put them in the proxy URL (http://user:password@proxy:port)"
+        )
+    return TemporaryFailure(
+        f"proxy {where} refused the tunnel to identity provider {host} ({answer or 'no answer'})"
+    )
+
+
 async def post_form(
-    url: str, form: dict[str, str], *, timeout: float, ca_file: Path | None = None
+    url: str, form: dict[str, str], *, timeout: float, ca_file: Path | None = None,
+    proxy: str | None = None, trust_env: bool = False,
 ) -> dict[str, Any]:
     """POST ``form`` to ``url`` and return the decoded JSON object of a 2xx answer."""
     host = _host(url)
@@ -86,7 +116,8 @@ async def post_form(
             async with httpx.AsyncClient(
                 verify=_ssl_context(str(ca_file) if ca_file else None),
                 timeout=timeout,
-                trust_env=False,
+                proxy=proxy,
+                trust_env=trust_env,
                 follow_redirects=False,
                 headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             ) as client:
@@ -95,15 +126,24 @@ async def post_form(
         raise TemporaryFailure(
             f"identity provider {host} did not answer within {timeout:g} s"
         ) from None
+    except httpx.ProxyError as exc:
+        raise _proxy_refusal(exc, proxy, host) from None
     except httpx.HTTPError as exc:
+        via = f" through proxy {_proxy_where(proxy)}" if proxy else ""
         raise TemporaryFailure(
-            f"identity provider {host} unreachable ({type(exc).__name__})"
+            f"identity provider {host} unreachable{via} ({type(exc).__name__})"
         ) from None
-    return _decode(response, host)
+    return _decode(response, host, proxy)
 
 
-def _decode(response: httpx.Response, host: str) -> dict[str, Any]:
+def _decode(response: httpx.Response, host: str, proxy: str | None = None) -> dict[str, Any]:
     status = response.status_code
+    if status == 407:  # only a proxy answers this (plain-http forwarding; https is a CONNECT)
+        where = _proxy_where(proxy) if proxy else "a proxy"
+        raise TemporaryFailure(
+            f"proxy {where} wants credentials to reach identity provider {host} (407): "
+            "put them in the proxy URL (http://user:password@proxy:port)"
+        )
     if status >= 500 or status == 429:
         raise TemporaryFailure(f"identity provider {host} answered HTTP {status}")
     body: Any = None
@@ -113,6 +153,11 @@ def _decode(response: httpx.Response, host: str) -> dict[str, Any]:
         except ValueError:
             body = None
     if not isinstance(body, dict):
+        if proxy:
+            raise TemporaryFailure(
+                f"identity provider {host} through proxy {_proxy_where(proxy)}: HTTP {status} "
+                "without an OAuth answer (did the proxy refuse the request?)"
+            )
         raise TemporaryFailure(f"identity provider {host} sent a malformed answer (HTTP {status})")
     if 200 <= status < 300 and "error" not in body:
         return body
@@ -124,10 +169,13 @@ def _decode(response: httpx.Response, host: str) -> dict[str, Any]:
 
 
 async def request_token(
-    url: str, form: dict[str, str], *, timeout: float, ca_file: Path | None = None
+    url: str, form: dict[str, str], *, timeout: float, ca_file: Path | None = None,
+    proxy: str | None = None, trust_env: bool = False,
 ) -> TokenResponse:
     """POST a grant to a token endpoint and return the token answer."""
-    body = await post_form(url, form, timeout=timeout, ca_file=ca_file)
+    body = await post_form(
+        url, form, timeout=timeout, ca_file=ca_file, proxy=proxy, trust_env=trust_env
+    )
     access_token = body.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise TemporaryFailure(f"identity provider {_host(url)} answered without an access token")

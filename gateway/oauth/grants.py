@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # The Microsoft kinds whose client-credentials grant needs the app-only ".default" scope.
 _MICROSOFT_KINDS = ("microsoft365", "outlook")
+# Delegated scopes of the commercial cloud, whose app-only scope is MICROSOFT_APP_ONLY_SCOPE.
+_COMMERCIAL_RESOURCES = ("https://outlook.office.com", "https://outlook.office365.com")
 
 
 def _client(provider: "ProviderConfig") -> dict[str, str]:
@@ -35,18 +37,30 @@ def _client(provider: "ProviderConfig") -> dict[str, str]:
 
 def scopes_for(provider: "ProviderConfig") -> list[str]:
     """The scopes to request: the configured ones, except that Microsoft's app-only access
-    (client credentials) must ask for the resource's ``.default`` scope."""
+    (client credentials) must ask for the resource's ``.default`` scope: Exchange Online's,
+    or a sovereign cloud's (the resource of its configured ``IMAP.AccessAsUser.All`` scope)."""
     if (
         provider.flow == "client_credentials"
         and provider.kind in _MICROSOFT_KINDS
         and not any(s.endswith("/.default") for s in provider.scopes)
     ):
-        return [MICROSOFT_APP_ONLY_SCOPE]
+        return [_app_only_scope(provider.scopes)]
     return list(provider.scopes)
 
 
+def _app_only_scope(scopes: list[str]) -> str:
+    for scope in scopes:
+        resource, _, permission = scope.rpartition("/")
+        if permission == "IMAP.AccessAsUser.All" and resource not in _COMMERCIAL_RESOURCES:
+            return resource + "/.default"
+    return MICROSOFT_APP_ONLY_SCOPE
+
+
 async def _token(provider: "ProviderConfig", form: dict[str, str], timeout: float) -> TokenResponse:
-    return await request_token(provider.token_url, form, timeout=timeout, ca_file=provider.ca_file)
+    return await request_token(
+        provider.token_url, form, timeout=timeout, ca_file=provider.ca_file,
+        proxy=provider.https_proxy, trust_env=provider.trust_env,
+    )
 
 
 async def refresh(provider: "ProviderConfig", refresh_token: str, *, timeout: float) -> TokenResponse:
@@ -99,7 +113,10 @@ async def start_device_authorization(provider: "ProviderConfig", *, timeout: flo
     assert provider.device_url, "the config requires device_url for flow 'device'"
     form = {**_client(provider), "scope": " ".join(scopes_for(provider))}
     form.pop("client_secret", None)
-    return await post_form(provider.device_url, form, timeout=timeout, ca_file=provider.ca_file)
+    return await post_form(
+        provider.device_url, form, timeout=timeout, ca_file=provider.ca_file,
+        proxy=provider.https_proxy, trust_env=provider.trust_env,
+    )
 
 
 async def poll_device(provider: "ProviderConfig", device_code: str, *, timeout: float) -> TokenResponse:

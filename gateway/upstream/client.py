@@ -65,14 +65,16 @@ async def connect(
     connect_timeout: float,
     command_timeout: float,
     max_line: int = 65536,
+    proxy: str | None = None,
 ) -> UpstreamIMAP:
     """Open a verified TLS connection (``implicit`` or ``starttls``), read the greeting and
-    learn the capabilities. Everything up to here shares ``connect_timeout``."""
+    learn the capabilities. Everything up to here shares ``connect_timeout``. With ``proxy``
+    (an ``http://`` URL) the TCP connection is a CONNECT tunnel through that proxy."""
     where = f"{host}:{port}"
     tls_ctx = make_tls_context(ca_file)
     try:
         with trio.fail_after(connect_timeout):
-            stream = await open_stream(host, port, tls_ctx if tls == "implicit" else None)
+            stream = await open_stream(host, port, tls_ctx if tls == "implicit" else None, proxy=proxy)
             client = UpstreamIMAP(stream, where=where, command_timeout=command_timeout, max_line=max_line)
             try:
                 if tls == "implicit":

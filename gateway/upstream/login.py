@@ -23,15 +23,18 @@ server answer                                            result
 =======================================================  =====================================
 OAuth error challenge / ``NO`` (``AUTHENTICATIONFAILED``)  token rejected → refresh once
 ``NO [UNAVAILABLE]``, ``Suggested Backoff Time``,        ``TemporaryFailure`` (``UpstreamError``)
-``Too many simultaneous connections``, ``[INUSE]``
+``Too many simultaneous connections``, ``[INUSE]``,
+Gmail's ``exceeded command or bandwidth limits``
 ``BAD User is authenticated but not connected.``         ``ReauthorizationRequired`` (the token
 (Microsoft: wrong mailbox or missing permission)         is fine, the mailbox grant is not)
 any other ``BAD``                                        ``UpstreamError``
 =======================================================  =====================================
 
 Events (never with secrets): ``{"type": "upstream.connected", "user", "upstream", "latency_ms"}``
-after a successful login and ``{"type": "upstream.error", "user", "upstream", "reason"}`` on a
-failure, published through ``publish`` when one is given.
+after a successful login and ``{"type": "upstream.error", "user", "upstream", "reason",
+"detail"[, "feature"]}`` on a failure (:func:`gateway.events.upstream_error_event`), published
+through ``publish`` when one is given. ``BAD User is authenticated but not connected`` raises
+:class:`~gateway.errors.FeatureRefused` (``feature = "imap"``), a ``ReauthorizationRequired``.
 
 Neither tokens nor SASL messages are ever logged.
 """
@@ -45,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import MailgateError, ReauthorizationRequired, TemporaryFailure, UpstreamError
+from ..errors import FeatureRefused, MailgateError, ReauthorizationRequired, UpstreamError
+from ..events import upstream_error_event
 from ..protocol import sasl
 from .client import UpstreamIMAP, UpstreamResponse, connect
 from .slots import UpstreamSlots
@@ -59,7 +63,8 @@ log = logging.getLogger("mailgate.upstream")
 __all__ = ["AuthVerdict", "classify_auth_failure", "open_upstream", "authenticate"]
 
 _TEMPORARY_CODES = frozenset({"UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG", "OVERQUOTA"})
-_TEMPORARY_PHRASES = ("suggested backoff time", "too many simultaneous", "throttled", "try again later")
+_TEMPORARY_PHRASES = ("suggested backoff time", "too many simultaneous", "throttled", "try again later",
+                      "bandwidth limits")
 _NOT_CONNECTED = "authenticated but not connected"
 
 
@@ -116,16 +121,6 @@ async def authenticate(
 Publish = Callable[[dict[str, Any]], Any]
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ReauthorizationRequired):
-        return "reauthorization_required"
-    if isinstance(exc, UpstreamError):
-        return "upstream"
-    if isinstance(exc, TemporaryFailure):
-        return "temporary"
-    return type(exc).__name__
-
-
 async def open_upstream(
     account: TokenSource, limits: Limits, *, slots: UpstreamSlots | None = None,
     publish: Publish | None = None,
@@ -142,7 +137,7 @@ async def open_upstream(
         client = await _open(account, limits, slots)
     except MailgateError as exc:
         if publish is not None:
-            publish({"type": "upstream.error", "user": account.name, "upstream": upstream, "reason": _reason(exc)})
+            publish(upstream_error_event(account.name, upstream, exc))
         raise
     if publish is not None:
         latency_ms = round((trio.current_time() - started) * 1000, 1)
@@ -164,6 +159,7 @@ async def _open(
             connect_timeout=limits.upstream_connect_timeout,
             command_timeout=limits.upstream_command_timeout,
             max_line=limits.max_line,
+            proxy=provider.upstream_proxy,
         )
     except BaseException:
         if slot is not None:
@@ -195,8 +191,9 @@ async def _log_in(client: UpstreamIMAP, account: TokenSource) -> None:
         if verdict is AuthVerdict.TEMPORARY:
             raise UpstreamError(f"{client.where} cannot log {upstream_user} in right now: {shown}")
         if verdict is AuthVerdict.MAILBOX_REFUSED:
-            raise ReauthorizationRequired(
+            raise FeatureRefused(
                 account.name,
+                "imap",
                 f"{client.where} accepted the token but not the mailbox {upstream_user!r} "
                 f"(check upstream_user and the mailbox permissions): {shown}",
             )

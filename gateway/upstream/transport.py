@@ -30,6 +30,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..net import take_decrypted
+from .proxy import open_tunnel
 
 __all__ = [
     "RECEIVE_SIZE",
@@ -89,14 +90,23 @@ def tls_failure(exc: BaseException, where: str) -> UpstreamError:
     return UpstreamError(f"TLS handshake with {where} failed: connection closed")
 
 
-async def open_stream(host: str, port: int, tls_ctx: ssl.SSLContext | None) -> trio.abc.Stream:
-    """TCP to ``host:port`` (``TCP_NODELAY``), wrapped in TLS when ``tls_ctx`` is given (the
-    handshake is left to the caller). A refused or unreachable host is an UpstreamError."""
-    try:
-        tcp = await trio.open_tcp_stream(host, port)
-    except OSError as exc:
-        raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
-    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+async def open_stream(
+    host: str, port: int, tls_ctx: ssl.SSLContext | None, *, proxy: str | None = None
+) -> trio.abc.Stream:
+    """TCP to ``host:port`` (``TCP_NODELAY``) -- or, with ``proxy`` (an ``http://`` URL), an
+    HTTP CONNECT tunnel through that proxy (:mod:`gateway.upstream.proxy`) -- wrapped in TLS
+    when ``tls_ctx`` is given (the handshake is left to the caller). A refused or unreachable
+    host (or proxy) is an UpstreamError."""
+    tcp: trio.abc.Stream
+    if proxy is not None:
+        tcp = await open_tunnel(proxy, host, port)
+    else:
+        try:
+            socket_stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        socket_stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tcp = socket_stream
     if tls_ctx is None:
         return tcp
     return trio.SSLStream(tcp, tls_ctx, server_hostname=host, https_compatible=False)

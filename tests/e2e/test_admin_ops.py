@@ -1,145 +1,42 @@
 """Operations, with the real ``mailgate serve`` process: SIGHUP reloads, logs free of secrets.
 
 Each test writes a config file, runs ``python -m gateway serve`` as a child process (its log on
-stderr, captured to a file), and drives it like an admin would: real signals, the admin port,
-real IMAP and POP3 sessions through the lab Dovecot, a browser-less web authorization.
+stderr, captured to a file; tests/fixtures/process.py), and drives it like an admin would: real
+signals, the admin port, real IMAP and POP3 sessions through the lab Dovecot, a browser-less web
+authorization.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from gateway.config import Config, load_config
+from gateway.config import load_config
 from gateway.protocol.sasl import xoauth2_initial_response
 from tests.fixtures.admin import lab_config, quoted, seed_account
-from tests.fixtures.gateway import client_ssl_context
-from tests.fixtures.imap import Wire
+from tests.fixtures.process import (
+    ALICE_PASSWORD,
+    Process,
+    imap_login,
+    start_process,
+    stop_process,
+    to_toml,
+    write_config,
+)
 from tests.lab import LabDovecot, LabOAuthServer, seed
 
 pytestmark = pytest.mark.lab
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 30.0
-ALICE_PASSWORD = "alice-local-Pa55word"
 CAROL_PASSWORD = "carol-local-Pa55word"
 WEB_PASSWORD = "dave-web-Pa55word"
 WRONG_PASSWORDS = ("wrong-Pa55word-1", "wrong-Pa55word-2")
-
-
-def to_toml(value: dict[str, Any], prefix: str = "") -> str:
-    """Enough TOML for a config dict: tables, arrays of tables, strings, numbers, lists."""
-    lines: list[str] = []
-    tables: list[str] = []
-    for key, item in value.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(item, dict):
-            tables.append(f"\n[{path}]\n" + to_toml(item, path))
-        elif isinstance(item, list) and item and all(isinstance(x, dict) for x in item):
-            tables.extend(f"\n[[{path}]]\n" + to_toml(x, path) for x in item)
-        else:
-            lines.append(f"{key} = {json.dumps(item)}")
-    return "\n".join(lines) + "\n" + "".join(tables)
-
-
-@dataclass
-class Process:
-    process: trio.Process
-    log_file: Path
-    imap: tuple[str, int]
-    pop3: tuple[str, int]
-    admin: str
-    config: Config  # as started (for the clients' CA)
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    async def wait_log(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        with trio.fail_after(timeout):
-            while (m := re.search(pattern, self.log())) is None:
-                await trio.sleep(0.05)
-        return m
-
-    async def imap_wire(self, config_path: Path) -> Wire:
-        tcp = await trio.open_tcp_stream(*self.imap)
-        ctx = client_ssl_context(self.config)
-        return Wire(trio.SSLStream(tcp, ctx, server_hostname="localhost"), ctx)
-
-    async def pop3_wire(self) -> Wire:
-        return Wire(await trio.open_tcp_stream(*self.pop3), None)  # type: ignore[arg-type]
-
-
-async def start_process(config_path: Path, log_file: Path, *, log_format: str = "text") -> Process:
-    log = log_file.open("wb")
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "gateway", "-c", str(config_path), "--debug",
-         "--log-format", log_format, "serve"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(REPO),
-    )
-    log.close()
-    text = ""
-    with trio.fail_after(START_TIMEOUT):
-        while "admin plane on" not in text:
-            if process.returncode is not None:
-                raise AssertionError(f"mailgate exited: {log_file.read_text()}")
-            await trio.sleep(0.05)
-            text = log_file.read_text(errors="replace")
-    listening = {proto: addr for addr, proto in re.findall(r"listening on (\S+) \((imap|pop3),", text)}
-    admin = re.search(r"admin plane on http://(\S+?)/", text).group(1)  # type: ignore[union-attr]
-
-    def split(addr: str) -> tuple[str, int]:
-        host, port = addr.rsplit(":", 1)
-        return host, int(port)
-
-    return Process(process, log_file, split(listening["imap"]), split(listening["pop3"]), admin,
-                   load_config(config_path))
-
-
-async def stop_process(proc: Process) -> int:
-    if proc.process.returncode is None:
-        proc.process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(15):
-        return await proc.process.wait()
-    proc.process.kill()
-    return await proc.process.wait()
-
-
-@pytest.fixture
-async def config_file(tmp_path: Path) -> Path:
-    return tmp_path / "mailgate.toml"
-
-
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[list[Process]]:
-    """Processes started by a test; each is stopped (SIGTERM, then SIGKILL) at the end."""
-    started: list[Process] = []
-    yield started
-    for proc in started:
-        await stop_process(proc)
-
-
-def write_config(path: Path, raw: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".new")
-    tmp.write_text(to_toml(raw))
-    os.replace(tmp, path)
-
-
-async def imap_login(w: Wire, user: str, password: str, tag: bytes = b"L") -> bytes:
-    await w.line()
-    return (await w.command(tag + b" LOGIN " + quoted(user) + b" " + quoted(password)))[-1]
 
 
 async def test_sighup_adds_a_user_without_dropping_a_running_session(

@@ -15,6 +15,7 @@ from gateway.config import Limits, ProviderConfig
 from gateway.errors import ReauthorizationRequired, UpstreamError
 from gateway.upstream.client import RECEIVE_SIZE, MessageVanished, UnsafeExpunge, UpstreamIMAP, UpstreamNo
 from gateway.upstream.login import open_upstream
+from tests.fixtures.upstream import LabAccount
 from tests.lab import LabDovecot, LabOAuthServer, seed
 from tests.lab.corpus import CORPUS, big_message_chunks, big_message_sha256, crlf_normalise
 
@@ -30,28 +31,6 @@ def lab_provider(lab: LabDovecot, oauth: LabOAuthServer, *, port: str = "imaps",
         ca_file=ca_file or (lab.ca_file if use_lab_ca else None),
         authorize_url=oauth.authorize_url, token_url=oauth.token_url, client_id="mailgate",
     )
-
-
-class LabAccount:
-    """A gateway.ports.TokenSource with tokens straight from the lab OAuth server."""
-
-    def __init__(self, oauth: LabOAuthServer, user: str, provider: ProviderConfig, *,
-                 revoke_fresh: bool = False) -> None:
-        self.oauth = oauth
-        self.name = user
-        self.upstream_user = user
-        self.provider = provider
-        self.refreshes = 0
-        self.revoke_fresh = revoke_fresh
-        self.token = oauth.issue_tokens(user)[0]
-
-    async def access_token(self, *, force_refresh: bool = False) -> str:
-        if force_refresh:
-            self.refreshes += 1
-            self.token = self.oauth.issue_tokens(self.name)[0]
-            if self.revoke_fresh:
-                self.oauth.revoke(self.token)
-        return self.token
 
 
 async def login(lab: LabDovecot, oauth: LabOAuthServer, user: str, **kw: Any) -> UpstreamIMAP:
@@ -98,7 +77,7 @@ async def test_rejected_fresh_token_needs_reauthorization(lab: LabDovecot, oauth
     assert account.refreshes == 1
     assert account.token not in str(info.value)
     assert events == [{"type": "upstream.error", "user": lab_user, "upstream": account.provider.imap,
-                       "reason": "reauthorization_required"}]
+                       "reason": "reauthorization_required", "detail": str(info.value)}]
 
 
 async def test_token_for_another_user_is_refused(lab: LabDovecot, oauth_server: LabOAuthServer, lab_user: str) -> None:

@@ -1,19 +1,8 @@
 """The command line as a shell user meets it: messages to act on, exit codes, no tracebacks."""
 
-import subprocess
-import sys
 from pathlib import Path
 
-
-def run(*args: str, cwd: Path | None = None, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        cwd=cwd,
-        timeout=60,
-    )
+from tests.fixtures.process import run
 
 
 def test_check_reports_every_problem_and_exits_2(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, parse_hostport
+from gateway.config import load_config, parse_config, parse_hostport
 from gateway.errors import ConfigError
 
 GOOD = """
@@ -203,14 +203,54 @@ def test_parse_hostport_rejects(value: str) -> None:
 
 
 def test_the_example_config_is_valid_and_documents_every_key() -> None:
-    from gateway.config import AdminSection, Limits, ListenerConfig, ServerSection, TLSSection, UserConfig
+    from gateway.config import (
+        AdminSection,
+        Limits,
+        ListenerConfig,
+        NetworkSection,
+        NotifySection,
+        ProviderConfig,
+        ServerSection,
+        TLSSection,
+        UserConfig,
+    )
 
     example = Path(__file__).parents[2] / "mailgate.example.toml"
     cfg = load_config(example)
     assert cfg.users["alice"].provider == "gmail"
     text = example.read_text()
-    for model in (ServerSection, TLSSection, ListenerConfig, AdminSection, UserConfig, Limits):
+    reference = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    models = (ServerSection, TLSSection, ListenerConfig, AdminSection, UserConfig, Limits,
+              NetworkSection, NotifySection)
+    for model in models:
         for key in model.model_fields:
             if key == "name":
                 continue
             assert f"{key} =" in text or f"# {key}" in text, f"{model.__name__}.{key} undocumented"
+            assert f"`{key}`" in reference, f"{model.__name__}.{key} not in docs/configuration.md"
+    for key in ProviderConfig.model_fields:
+        if key != "name":
+            assert f"`{key}`" in reference, f"ProviderConfig.{key} not in docs/configuration.md"
+
+
+def test_network_proxies_are_inherited_by_providers_and_checked(tmp_path: Path) -> None:
+    base = {
+        "providers": {
+            "a": {"preset": "gmail", "client_id": "x"},
+            "b": {"preset": "gmail", "client_id": "x", "upstream_proxy": "", "trust_env": False},
+        },
+    }
+    raw = {**base, "network": {"https_proxy": "http://u:p@proxy:3128", "trust_env": True,
+                               "upstream_proxy": "http://proxy:3128"}}
+    cfg = parse_config(raw, base_dir=tmp_path)
+    a, b = cfg.providers["a"], cfg.providers["b"]
+    assert (a.https_proxy, a.trust_env, a.upstream_proxy) == ("http://u:p@proxy:3128", True, "http://proxy:3128")
+    assert (b.https_proxy, b.trust_env, b.upstream_proxy) == ("http://u:p@proxy:3128", False, None)
+    assert parse_config(base, base_dir=tmp_path).providers["a"].upstream_proxy is None
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**base, "network": {"upstream_proxy": "proxy:3128", "https_proxy": "http://p"},
+                      "notify": {"webhook_url": "ftp://x", "command": "page-admin"}},
+                     base_dir=tmp_path)
+    text = "\n".join(exc.value.problems)
+    for key in ("network.upstream_proxy", "network.https_proxy", "notify.webhook_url", "notify.command"):
+        assert key in text, text

@@ -182,6 +182,35 @@ def test_microsoft_tenant_and_app_only_scope() -> None:
     assert "/organizations/" in delegated.authorize_url
 
 
+@pytest.mark.parametrize(("preset", "login", "imap", "app_only"), [
+    ("microsoft365_gcchigh", "https://login.microsoftonline.us/contoso.us/", "outlook.office365.us",
+     "https://outlook.office365.us/.default"),
+    ("microsoft365_dod", "https://login.microsoftonline.us/contoso.us/", "outlook-dod.office365.us",
+     "https://outlook.office365.us/.default"),
+    ("microsoft365_china", "https://login.partner.microsoftonline.cn/contoso.us/", "partner.outlook.cn",
+     "https://partner.outlook.cn/.default"),
+])
+def test_sovereign_microsoft_clouds(preset: str, login: str, imap: str, app_only: str) -> None:
+    delegated = _provider({"preset": preset, "client_id": "id", "tenant": "contoso.us"})
+    assert delegated.token_url == login + "oauth2/v2.0/token"
+    assert delegated.authorize_url == login + "oauth2/v2.0/authorize"
+    assert delegated.device_url == login + "oauth2/v2.0/devicecode"
+    assert (delegated.imap_host, delegated.imap_port, delegated.kind) == (imap, 993, "microsoft365")
+    assert scopes_for(delegated)[0] == app_only.replace(".default", "IMAP.AccessAsUser.All")
+    app = _provider({"preset": preset, "client_id": "id", "flow": "client_credentials",
+                     "client_secret": "s"})
+    assert scopes_for(app) == [app_only]  # never the commercial cloud's resource
+
+
+def test_gmail_service_account_may_use_the_imap_admin_scope() -> None:
+    from gateway.presets import GMAIL_IMAP_ADMIN_SCOPE
+
+    provider = _provider({"preset": "gmail", "flow": "service_account",
+                          "service_account_key_file": "sa.json",
+                          "scopes": [GMAIL_IMAP_ADMIN_SCOPE]})
+    assert scopes_for(provider) == ["https://www.googleapis.com/auth/gmail.imap_admin"]
+
+
 def test_a_preset_key_can_be_overridden_and_flows_are_checked() -> None:
     provider = _provider({"preset": "gmail", "client_id": "id", "imap": "127.0.0.1:1993"})
     assert provider.imap_host == "127.0.0.1" and provider.sasl == "xoauth2"

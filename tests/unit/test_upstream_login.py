@@ -34,6 +34,7 @@ DOVECOT_CHALLENGE = b"eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOi
         (b"M1 BAD Request is throttled. Suggested Backoff Time: 59 milliseconds", None, AuthVerdict.TEMPORARY),
         # Gmail connection limit, Dovecot's IdP outage
         (b"M1 NO [ALERT] Too many simultaneous connections. (Failure)", None, AuthVerdict.TEMPORARY),
+        (b"M1 NO [ALERT] Account exceeded command or bandwidth limits. (Failure)", None, AuthVerdict.TEMPORARY),
         (b"M1 NO [UNAVAILABLE] Temporary authentication failure.", DOVECOT_CHALLENGE, AuthVerdict.TEMPORARY),
         (b"M1 NO failed", base64.b64encode(b'{"status":"503"}'), AuthVerdict.TEMPORARY),
         (b"M1 NO failed", b"not base64!", AuthVerdict.TOKEN_REJECTED),
