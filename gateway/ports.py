@@ -16,7 +16,7 @@ Rules first:
    :class:`gateway.upstream.connector.UpstreamConnector` and
    :class:`gateway.oauth.store.StateStore` (SQLite; a PostgreSQL store is a second
    implementation of :class:`CredentialStore`). Tests put fakes behind the same protocols, and
-   ``mypy --strict`` checks that the concrete classes fit (``tests/test_ports.py``).
+   ``mypy --strict`` checks that the concrete classes fit (``tests/unit/test_ports.py``).
 
 This module only names types: it does no I/O and imports nothing at run time but ``typing``.
 """

@@ -418,8 +418,7 @@ class Pop3Session:
         self.account = account
         self.state.logged_in()
         self.bad_commands = 0
-        if hasattr(self.stream, "user"):
-            self.stream.user = account.name
+        self.stream.user = account.name
         count, octets = self.maildrop.stat()
         self.ctx.events.publish(
             {"type": "session.authenticated", "protocol": "pop3", "peer": self.stream.peer,

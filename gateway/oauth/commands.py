@@ -22,7 +22,7 @@ import getpass
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
@@ -112,9 +112,15 @@ async def _run(command: Callable[[], Awaitable[int]], stdout: TextIO) -> int:
 # --- mailgate authorize ----------------------------------------------------------------------
 
 
-def authorize(config: "Config", user: str, **options: Any) -> int:
+def authorize(
+    config: "Config", user: str, *, manual: bool = False, refresh_token_stdin: bool = False,
+    password_stdin: bool = False, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+) -> int:
     """``mailgate authorize``: the blocking entry point for the CLI (see :func:`authorize_async`)."""
-    return trio.run(functools.partial(authorize_async, config, user, **options))
+    return trio.run(functools.partial(
+        authorize_async, config, user, manual=manual, refresh_token_stdin=refresh_token_stdin,
+        password_stdin=password_stdin, stdin=stdin, stdout=stdout,
+    ))
 
 
 async def authorize_async(
@@ -193,9 +199,15 @@ async def _obtain(
 # --- mailgate passwd -------------------------------------------------------------------------
 
 
-def passwd(config: "Config", user: str, **options: Any) -> int:
+def passwd(
+    config: "Config", user: str, *, password_stdin: bool = False, reset: bool = False,
+    stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+) -> int:
     """``mailgate passwd``: the blocking entry point for the CLI (see :func:`passwd_async`)."""
-    return trio.run(functools.partial(passwd_async, config, user, **options))
+    return trio.run(functools.partial(
+        passwd_async, config, user, password_stdin=password_stdin, reset=reset, stdin=stdin,
+        stdout=stdout,
+    ))
 
 
 async def passwd_async(

@@ -225,27 +225,17 @@ class LiteralEnd:
 Event: TypeAlias = Response | LiteralStart | LiteralChunk | LiteralEnd
 
 
-@dataclass(slots=True)
-class _Head:
-    """The parsed first line of the response being framed."""
-
-    kind: Kind
-    tag: bytes | None
-    number: int | None
-    keyword: bytes | None
-    code: bytes | None
-    text: bytes
-
-    @property
-    def may_have_literals(self) -> bool:
-        return self.kind == "untagged" and self.keyword not in STATUS_WORDS
+#: The parsed first line of the response being framed, in :class:`Response`'s field order:
+#: ``kind``, ``tag``, ``number``, ``keyword``, ``code``, ``text``. A plain tuple (not a class
+#: repeating those fields) because one is made for every response and passed on as it is.
+_Head: TypeAlias = tuple[Kind, bytes | None, int | None, bytes | None, bytes | None, bytes]
 
 
 def _parse_head(line: bytes) -> _Head:
     """Parse the first line of a response (without CRLF)."""
     if line[:1] == b"+":
         text = line[2:] if line[1:2] == b" " else line[1:]
-        return _Head("continuation", None, None, None, None, text)
+        return ("continuation", None, None, None, None, text)
     first, sep, rest = line.partition(b" ")
     if not sep:
         raise ProtocolError("response line has no tag and keyword")
@@ -272,7 +262,7 @@ def _parse_head(line: bytes) -> _Head:
         end = rest.find(b"]")
         if end >= 0:  # an unclosed "[" is taken as plain text
             code, rest = rest[1:end], rest[end + 1 :].lstrip(b" ")
-    return _Head(kind, tag, number, keyword, code, rest)
+    return (kind, tag, number, keyword, code, rest)
 
 
 @dataclass(slots=True)
@@ -280,6 +270,7 @@ class _Pending:
     """The response being framed: its lines and literals, and how much raw was emitted."""
 
     head: _Head
+    may_have_literals: bool  # untagged data: a status response's text carries none
     lines: list[bytes] = field(default_factory=list)
     literals: list[bytes | None] = field(default_factory=list)
     unemitted: list[bytes] = field(default_factory=list)  # raw not yet handed out
@@ -350,23 +341,16 @@ class ResponseFramer:
         events: list[Event] = []
         view = memoryview(data)
         while True:
-            if self._literal_left:
-                if self._literal_streaming and not self._buf:
-                    if not view:
-                        break
-                    view = self._stream_direct(view, events)
-                else:
-                    if view:
-                        self._buf += view
-                        view = view[len(view) :]
-                    if not self._take_literal(events):
-                        break
-            else:
-                if view:
-                    self._buf += view
-                    view = view[len(view) :]
-                if not self._take_line(events):
+            if self._literal_left and self._literal_streaming and not self._buf:
+                if not view:
                     break
+                view = self._stream_direct(view, events)
+                continue
+            if view:  # everything else is taken from the buffer: a literal's octets or a line
+                self._buf += view
+                view = view[len(view) :]
+            if not (self._take_literal(events) if self._literal_left else self._take_line(events)):
+                break
         return events
 
     def _stream_direct(self, view: memoryview, events: list[Event]) -> memoryview:
@@ -426,13 +410,15 @@ class ResponseFramer:
 
         pending = self._pending
         if pending is None:
-            pending = self._pending = _Pending(_parse_head(line))
+            kind, _, _, keyword, _, _ = head = _parse_head(line)
+            literals = kind == "untagged" and keyword not in STATUS_WORDS
+            pending = self._pending = _Pending(head, literals)
         pending.lines.append(line)
         pending.literals.append(None)
         pending.unemitted.append(raw)
         pending.size += len(raw)
 
-        marker = literal_at_end(line, nonsync=False) if pending.head.may_have_literals else None
+        marker = literal_at_end(line, nonsync=False) if pending.may_have_literals else None
         if marker is None:
             events.append(self._complete(pending))
             return True
@@ -444,13 +430,13 @@ class ResponseFramer:
             pending.literals[-1] = b""
             self._literal_left = size
             return True
-        head = pending.head
+        kind, tag, number, keyword, _, _ = pending.head
         pending.streamed.append(len(pending.lines) - 1)
         self._literal_streaming = True
         pending.literals[-1] = b""
         self._literal_left = size
         events.append(
-            LiteralStart(head.kind, head.tag, head.number, head.keyword, line, size, b"".join(pending.unemitted))
+            LiteralStart(kind, tag, number, keyword, line, size, b"".join(pending.unemitted))
         )
         pending.unemitted.clear()
         return True
@@ -459,14 +445,8 @@ class ResponseFramer:
         self._pending = None
         if pending.size > self._max_response:
             raise ProtocolError(f"response larger than {self._max_response} octets")
-        head = pending.head
         return Response(
-            kind=head.kind,
-            tag=head.tag,
-            number=head.number,
-            keyword=head.keyword,
-            code=head.code,
-            text=head.text,
+            *pending.head,
             lines=tuple(pending.lines),
             literals=tuple(pending.literals),
             raw=b"".join(pending.unemitted),

@@ -27,7 +27,8 @@ from tests.lab import INSTALL_HINT, DovecotNotInstalled, LabDovecot, LabOAuthSer
 from tests.lab.corpus import CORPUS, big_message_chunks, big_message_sha256, crlf_normalise
 from tests.lab.oauth_server import GRANT_DEVICE_CODE, GRANT_JWT_BEARER, pkce_challenge
 
-# Dovecot 2.3.19's failure challenges (dovecot-lab-facts.md).
+# What Dovecot 2.3.19 sends after a refused token: the base64 of {"status":"401","schemes":"bearer",
+# "scope":"mail"} for XOAUTH2 and of {"status":"invalid_token"} for OAUTHBEARER (RFC 7628 §3.2.2).
 XOAUTH2_FAILURE_CHALLENGE = b"+ eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJtYWlsIn0="
 OAUTHBEARER_FAILURE_CHALLENGE = b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0="
 IMAP_AUTH_FAILED = b"NO [AUTHENTICATIONFAILED] Authentication failed."
