@@ -115,8 +115,11 @@ def test_success_clears_both_entries(throttle: AuthThrottle) -> None:
     assert throttle.tracked == (0, 0)
 
 
-def test_success_as_another_user_does_not_clear_the_user_penalty(throttle: AuthThrottle) -> None:
-    # A guesser owning one valid account cannot reset the penalty on the account it attacks.
+def test_success_as_another_user_does_not_clear_the_user_penalty(clock: FakeClock) -> None:
+    # A guesser owning one valid account cannot reset the penalty on the account it attacks
+    # (its own address is forgiven; the user's allowance, here as small as the address's,
+    # is not).
+    throttle = AuthThrottle(base_delay=2.0, user_refuse_after=REFUSE_AFTER_FAILURES, clock=clock)
     for _ in range(REFUSE_AFTER_FAILURES):
         throttle.record_failure("192.0.2.1", "alice")
     throttle.record_success("192.0.2.1", "mallory")
@@ -262,7 +265,8 @@ async def manager(idp, tmp_path) -> AccountManager:  # type: ignore[no-untyped-d
     _, refresh_token = idp.issue_tokens("alice@example.com")
     await _seed(config, refresh_token)
     manager = AccountManager(config)
-    manager.throttle = AuthThrottle(base_delay=0, refuse_after=REFUSE_AFTER)
+    manager.throttle = AuthThrottle(base_delay=0, refuse_after=REFUSE_AFTER,
+                                    user_refuse_after=REFUSE_AFTER)
     return manager
 
 
@@ -300,14 +304,21 @@ async def test_unknown_user_names_are_throttled_per_address(manager: AccountMana
 
 
 @pytest.mark.lab
-async def test_a_recently_verified_password_is_never_locked_out(manager: AccountManager) -> None:
+async def test_a_remembered_address_is_never_locked_out(manager: AccountManager) -> None:
     await manager.login("alice", PASSWORD, peer="192.0.2.10")  # the user's phone, verified
     for _ in range(REFUSE_AFTER + 2):
         await fails_like_a_wrong_password(manager, "alice", "wrong password!", "192.0.2.66")
     runs = manager.kdf.runs
-    assert (await manager.login("alice", PASSWORD, peer="192.0.2.66")).name == "alice"
+    start = trio.current_time()
+    assert (await manager.login("alice", PASSWORD, peer="192.0.2.10")).name == "alice"
+    assert trio.current_time() - start < 0.5  # not delayed by the other address's failures
     assert manager.kdf.runs == runs  # served by the credential cache
-    assert manager.throttle.check("192.0.2.66", "alice").delay == 0  # success cleared it
+    # The guessing address gets no oracle from the cache: even the right password is refused,
+    # unchecked, like a wrong one; so is a never-seen address while the user's allowance (here
+    # as small as an address's) is used up.
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.66")
+    await fails_like_a_wrong_password(manager, "alice", PASSWORD, "192.0.2.77")
+    assert manager.kdf.runs == runs
 
 
 @pytest.mark.lab
