@@ -8,7 +8,8 @@ The rules, written from the attacker's side (each one is a guarantee in docs/sec
    *before* the password is checked. It returns an :class:`Attempt` that already counts as one
    *pending* failure for the client's address and for the user name, until it is settled:
    :meth:`Attempt.failed` turns it into a failure point, :meth:`Attempt.succeeded` clears the
-   address and the user, :meth:`Attempt.release` (no check happened: the client left, the KDF
+   address (not the user: a good login says nothing about guesses from elsewhere),
+   :meth:`Attempt.release` (no check happened: the client left, the KDF
    was busy) drops it. So forty guesses sent at once are counted like forty guesses sent one
    after the other: no more than the allowance is ever checked.
 2. **Two scores.** Keys: the client's network address (an IPv4 address, or the /64 of an IPv6
@@ -241,11 +242,12 @@ class Attempt:
         self._settle(failed=True)
 
     def succeeded(self) -> None:
-        """The right password: the address and the user are forgiven."""
+        """The right password: the address is forgiven. The user's score is not: it counts
+        guesses from elsewhere, which one good login disproves nothing about."""
         keys, self._keys = self._keys, None
         if keys is not None:
             self._throttle._settle(keys, failed=False)
-            self._throttle._clear(*keys)
+            self._throttle._by_address.clear(keys[0])
 
     def release(self) -> None:
         """No password check happened (the client left, the KDF was busy): count nothing."""
@@ -340,7 +342,9 @@ class AuthThrottle:
         self._users(known).add(user_key(user))
 
     def record_success(self, peer: str, user: str, *, known: bool = False) -> None:
-        self._clear(address_key(peer), user_key(user), known)
+        """Forgive both the address and the user (a reset; logins use :meth:`begin`)."""
+        self._by_address.clear(address_key(peer))
+        self._users(known).clear(user_key(user))
 
     def _verdict(self, peer: str, user: str, *, known: bool, trusted: bool) -> Verdict:
         by_address = self._by_address.outstanding(address_key(peer))
@@ -354,10 +358,6 @@ class AuthThrottle:
         address, user, known = keys
         self._by_address.settle(address, failed=failed)
         self._users(known).settle(user, failed=failed)
-
-    def _clear(self, address: str, user: str, known: bool) -> None:
-        self._by_address.clear(address)
-        self._users(known).clear(user)
 
     def _delay(self, outstanding: int) -> float:
         if outstanding <= 0:
