@@ -97,6 +97,7 @@ async def serve_admin(server: "GatewayServer", *, task_status: Any = trio.TASK_S
     log.info("admin plane on http://%s/%s", shown,
              " (admin token required)" if app.access.token_required else "")
     gate = AdmissionGate(server.config.limits)
+    server.admin_gate = gate  # type: ignore[attr-defined]
 
     async def handler(stream: trio.SocketStream) -> None:
         await handle_connection(app, stream, gate)
