@@ -622,3 +622,26 @@ def test_a_version_1_store_is_migrated(tmp_path) -> None:  # type: ignore[no-unt
     db.close()
     store.delete_account("bob")
     assert store.trusted_addresses() == []
+
+
+async def test_kdf_keeps_a_worker_for_the_priority_lane() -> None:
+    pool = KdfPool(2, max_queued=10)
+    release = trio.Event()
+    started: list[str] = []
+
+    def hold(tag: str) -> None:
+        started.append(tag)
+        trio.from_thread.run(release.wait)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(3):
+            nursery.start_soon(lambda n=n: pool.run(hold, f"flood{n}", lane=f"10.0.0.{n}"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == ["flood0"]  # the flood gets one worker of two
+        nursery.start_soon(lambda: pool.run(lambda: started.append("phone")))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            while "phone" not in started:  # the kept worker serves it at once
+                await trio.sleep(0.01)
+        release.set()
+    assert sorted(started) == ["flood0", "flood1", "flood2", "phone"]

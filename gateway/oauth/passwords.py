@@ -15,7 +15,9 @@ the machine, so:
   ahead of everyone else:
 
   - the *priority lane* (``lane=None``: a login from an address remembered for its user, the
-    admin plane, the CLI) is always served first;
+    admin plane, the CLI) is always served first, and one of the workers is kept for it (the
+    ordinary lanes use at most ``concurrency - 1`` at once, at least one): a flood never has
+    every core hashing when a device in good standing arrives;
   - every other login waits in the *lane of its client address*; lanes are served in turn,
     one derivation each, so a flooding address delays a newcomer by at most one derivation
     per other waiting address, however much it sends;
@@ -114,8 +116,11 @@ class KdfPool:
         if concurrency < 1 or max_queued < 0:
             raise ValueError("concurrency >= 1 and max_queued >= 0")
         self.concurrency = concurrency
+        #: Derivations of the ordinary lanes at once: one worker is kept for the priority lane.
+        self.ordinary_limit = max(1, concurrency - 1)
         self.max_queued = max_queued
         self._running = 0
+        self._running_ordinary = 0
         self._priority: deque[_Waiter] = deque()
         self._lanes: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._queued = 0  # waiters in the ordinary lanes
@@ -130,16 +135,28 @@ class KdfPool:
         """Run ``fn(*args)`` in a worker thread. ``lane=None``: the priority lane (devices in
         good standing, the admin plane, the CLI); otherwise the ordinary lane of that client
         address. Raises :class:`KdfBusy` when the ordinary lanes hold ``max_queued`` waiters."""
+        ordinary = lane is not None
         await self._acquire(lane)
         try:
             self.runs += 1
             return await trio.to_thread.run_sync(fn, *args)
         finally:
-            self._release()
+            self._release(ordinary)
+
+    def _may_start(self, ordinary: bool) -> bool:
+        if self._running >= self.concurrency:
+            return False
+        return not ordinary or self._running_ordinary < self.ordinary_limit
+
+    def _start(self, ordinary: bool) -> None:
+        self._running += 1
+        self._running_ordinary += ordinary
 
     async def _acquire(self, lane: str | None) -> None:
-        if self._running < self.concurrency and not self.waiting:
-            self._running += 1
+        ordinary = lane is not None
+        queue_empty = not self._lanes if ordinary else not self._priority
+        if queue_empty and self._may_start(ordinary):
+            self._start(ordinary)
             await trio.lowlevel.checkpoint()
             return
         if lane is not None and self._queued >= self.max_queued:
@@ -155,7 +172,7 @@ class KdfPool:
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:
-                self._release()  # handed a slot while being cancelled: pass it on
+                self._release(ordinary)  # granted while being cancelled: pass it on
             else:
                 self._withdraw(waiter, lane)
             raise
@@ -170,22 +187,29 @@ class KdfPool:
         if not queue:
             del self._lanes[lane]
 
-    def _release(self) -> None:
-        """Hand the slot to the next waiter (priority first, then lanes in turn) or free it."""
-        if self._priority:
-            waiter = self._priority.popleft()
-        elif self._lanes:
-            lane, queue = next(iter(self._lanes.items()))
-            waiter = queue.popleft()
-            self._queued -= 1
-            del self._lanes[lane]
-            if queue:
-                self._lanes[lane] = queue  # to the back: one derivation per lane per turn
-        else:
-            self._running -= 1
-            return
-        waiter.granted = True
-        waiter.event.set()
+    def _release(self, ordinary: bool) -> None:
+        self._running -= 1
+        self._running_ordinary -= ordinary
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start waiters while workers are free: the priority lane first, then the ordinary
+        lanes in turn (one derivation each per turn) up to :attr:`ordinary_limit`."""
+        while True:
+            if self._priority and self._may_start(False):
+                waiter, ordinary = self._priority.popleft(), False
+            elif self._lanes and self._may_start(True):
+                lane, queue = next(iter(self._lanes.items()))
+                waiter, ordinary = queue.popleft(), True
+                self._queued -= 1
+                del self._lanes[lane]
+                if queue:
+                    self._lanes[lane] = queue  # to the back of the turn
+            else:
+                return
+            self._start(ordinary)
+            waiter.granted = True
+            waiter.event.set()
 
 
 class CredentialCache:
