@@ -636,8 +636,11 @@ async def test_kdf_keeps_a_worker_for_the_priority_lane() -> None:
     async with trio.open_nursery() as nursery:
         for n in range(3):
             nursery.start_soon(lambda n=n: pool.run(hold, f"flood{n}", lane=f"10.0.0.{n}"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert started == ["flood0"]  # the flood gets one worker of two
+        with trio.fail_after(5):
+            while not started:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        assert started == ["flood0"] and pool.waiting == 2  # the flood gets one worker of two
         nursery.start_soon(lambda: pool.run(lambda: started.append("phone")))
         await trio.testing.wait_all_tasks_blocked()
         with trio.fail_after(5):
