@@ -640,7 +640,7 @@ async def test_kdf_keeps_a_worker_for_the_priority_lane() -> None:
             while not started:
                 await trio.sleep(0.01)
         await trio.sleep(0.2)
-        assert started == ["flood0"] and pool.waiting == 2  # the flood gets one worker of two
+        assert len(started) == 1 and pool.waiting == 2  # the flood gets one worker of two
         nursery.start_soon(lambda: pool.run(lambda: started.append("phone")))
         await trio.testing.wait_all_tasks_blocked()
         with trio.fail_after(5):
