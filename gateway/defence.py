@@ -346,6 +346,10 @@ class AuthThrottle:
         self._by_address.clear(address_key(peer))
         self._users(known).clear(user_key(user))
 
+    def forgive_address(self, peer: str) -> None:
+        """The address proved a password (without a reserved check: a cached credential)."""
+        self._by_address.clear(address_key(peer))
+
     def _verdict(self, peer: str, user: str, *, known: bool, trusted: bool) -> Verdict:
         by_address = self._by_address.outstanding(address_key(peer))
         by_user = 0 if trusted else self._users(known).outstanding(user_key(user))

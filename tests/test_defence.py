@@ -648,3 +648,21 @@ async def test_kdf_keeps_a_worker_for_the_priority_lane() -> None:
                 await trio.sleep(0.01)
         release.set()
     assert sorted(started) == ["flood0", "flood1", "flood2", "phone"]
+
+
+@pytest.mark.lab
+async def test_a_device_opening_many_connections_at_once_is_one_attempt(
+    manager: AccountManager,
+) -> None:
+    # A phone opening 20 connections with the right password, from a fresh address: one
+    # derivation, one reserved attempt, 20 logins -- the allowance counts guesses, not copies.
+    names: list[str] = []
+
+    async def login() -> None:
+        names.append((await manager.login("alice", PASSWORD, peer="192.0.2.44")).name)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(login)
+    assert names == ["alice"] * 20 and manager.kdf.runs == 1
+    assert manager.throttle.penalty("192.0.2.44", "alice", known=True) == 0

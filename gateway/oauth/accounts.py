@@ -364,25 +364,23 @@ class AccountManager:
 
     async def login(self, username: str, password: str, *, peer: str | None = None) -> Account:
         """Check a client's local password. ``peer`` (the client's IP address) enables the
-        defence of :mod:`gateway.defence`: the attempt is reserved with the throttle before
-        anything is checked, a penalised one waits first, and one beyond its allowance is
-        refused unchecked -- answered exactly like a wrong password. An address remembered for
-        the user (it logged in correctly before) is judged by its own failures only, and its
-        derivations take the KDF's priority lane."""
+        defence of :mod:`gateway.defence`: an attempt beyond its allowance is refused
+        unchecked -- answered exactly like a wrong password -- and every password check is
+        reserved with the throttle before it runs (a penalised one waits first). An address
+        remembered for the user (it logged in correctly before) is judged by its own failures
+        only, and its derivations take the KDF's priority lane."""
         name = self.resolve(username)
         trusted = peer is not None and name is not None and await self._trusts(name, peer)
-        attempt = (
-            self.throttle.begin(peer, name or username, known=name is not None, trusted=trusted)
-            if peer is not None else None
-        )
+        held: list[Attempt] = []
         try:
-            account = await self._check_password(
-                name, username, password, attempt,
-                lane=None if trusted or peer is None else address_key(peer),
-            )
+            account = await self._check_password(name, username, password, peer, trusted, held)
+        except KdfBusy:
+            log.warning("login for %r refused: too many logins waiting for a password check",
+                        name or username)
+            raise TemporaryFailure("too many logins at once; try again later") from None
         finally:
-            if attempt is not None:
-                attempt.release()  # no check happened (cancelled, busy): count nothing
+            for attempt in held:
+                attempt.release()  # not settled: no check happened (cancelled, busy)
         if peer is not None:
             await self._remember_address(account.name, peer)
         record = await self._record(account.name)
@@ -396,40 +394,61 @@ class AccountManager:
         return account
 
     async def _check_password(
-        self, name: str | None, username: str, password: str, attempt: Attempt | None,
-        *, lane: str | None,
+        self, name: str | None, username: str, password: str, peer: str | None,
+        trusted: bool, held: list[Attempt],
     ) -> Account:
-        """The password check proper; settles ``attempt`` as failed or succeeded."""
-        if attempt is not None and attempt.verdict is not ALLOW:
-            await trio.sleep(attempt.verdict.delay)
-            if attempt.refused:
-                await self._fail(name or username, "throttled after repeated failures", attempt)
-        try:
-            if name is None:
+        """The password check proper; every reserved attempt is appended to ``held`` and
+        settled here (failed or succeeded) when a check ran."""
+        who = name or username
+        lane = None if trusted or peer is None else address_key(peer)
+        if peer is not None:
+            verdict = self.throttle.check(peer, who, known=name is not None, trusted=trusted)
+            if verdict.refuse:
+                # Refused before anything is looked at, the credential cache included: a
+                # penalised address gets no cheap test of the right password either.
+                await trio.sleep(verdict.delay)
+                await self._fail(who, "throttled after repeated failures", None)
+        if name is None:
+            attempt = await self._reserve(peer, who, False, trusted, held)
+            if attempt is None or not attempt.refused:
                 await self.kdf.run(burn_verification, password, lane=lane)
-                await self._fail(username, "unknown user", attempt)
-            account = self.account(name)
-            record = await self._record(name)
-            failure = None
-            if record is None:
+            await self._fail(who, "unknown user", attempt)
+        account = self.account(name)
+        record = await self._record(name)
+        if record is None:
+            attempt = await self._reserve(peer, name, True, trusted, held)
+            if attempt is None or not attempt.refused:
                 await self.kdf.run(burn_verification, password, lane=lane)
-                failure = f"not authorized yet (run: mailgate authorize {name})"
-            elif not self._cached(account, record, password):
-                # One derivation at a time per credential: concurrent logins with the same
-                # password wait for the first and then hit the cache; other passwords (a
-                # guesser's) never queue behind each other or behind the user's.
-                async with self._login_lock(account.name, password, record.password_hash):
-                    if not self._cached(account, record, password):
-                        failure = await self._verify(account, record, password, lane)
-        except KdfBusy:
-            log.warning("login for %r refused: too many logins waiting for a password check",
-                        name or username)
-            raise TemporaryFailure("too many logins at once; try again later") from None
+            await self._fail(name, f"not authorized yet (run: mailgate authorize {name})",
+                             attempt)
+        failure, attempt = None, None
+        # One derivation at a time per credential: concurrent logins with the same password
+        # (a phone opening five connections) wait for the first and then hit the cache, and
+        # count as one attempt; other passwords (a guesser's) never queue behind it.
+        async with self._login_lock(account.name, password, record.password_hash):
+            if not self._cached(account, record, password):
+                attempt = await self._reserve(peer, name, True, trusted, held)
+                if attempt is not None and attempt.refused:
+                    failure = "throttled after repeated failures"
+                else:
+                    failure = await self._verify(account, record, password, lane)
         if failure is not None:  # the failure delay is served outside the lock
             await self._fail(name, failure, attempt)
         if attempt is not None:
             attempt.succeeded()
+        elif peer is not None:
+            self.throttle.forgive_address(peer)  # a cache hit proves the password as well
         return account
+
+    async def _reserve(self, peer: str | None, who: str, known: bool, trusted: bool,
+                       held: list[Attempt]) -> Attempt | None:
+        """Reserve a password check with the throttle and serve its penalty delay."""
+        if peer is None:
+            return None
+        attempt = self.throttle.begin(peer, who, known=known, trusted=trusted)
+        held.append(attempt)
+        await trio.sleep(attempt.verdict.delay)
+        return attempt
 
     def _login_lock(self, name: str, password: str, verifier: str) -> "_KeyedLock":
         return _KeyedLock(self._login_locks, self.credentials.key_of(name, password, verifier))
