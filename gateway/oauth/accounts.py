@@ -9,22 +9,23 @@ ends call :meth:`AccountManager.login` on every client login and get an :class:`
 Login (``login(username, password, peer=...)``):
 
 1. The user name is a ``[users.X]`` key, or (case-insensitively) that user's ``upstream_user``.
-2. The attempt is reserved with the throttle (:mod:`gateway.defence`) *before* anything is
-   checked, judged by its address's failures and -- unless the address is remembered for the
-   user -- the user's. A penalised attempt waits first; one beyond its allowance is refused
-   unchecked, exactly like a wrong password. Remembered addresses are loaded from the state
-   store on the first login and written back (rarely: when new, then once a day) after a
-   correct password.
-3. The verified-credential cache is asked first (HMAC of user, password and stored verifier;
-   see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation.
-4. On a miss, argon2 verifies the password and, for password-sealed accounts, scrypt unwraps
-   the data key, in a worker thread of the :class:`~gateway.oauth.passwords.KdfPool`: a
-   remembered address in its priority lane, any other in its address's lane (a full queue
-   gives a fast temporary refusal). Derivations of one credential (user, password) are
-   serialised by a lock keyed by its cache key and the cache is asked again inside it, so
-   five connections opened at once by one phone cost one derivation, not five, while a
-   guesser's other passwords never wait behind the user's. The data key stays in memory in
-   the :class:`Account` so that its tokens can be refreshed for the sessions.
+2. The throttle (:mod:`gateway.defence`) judges the attempt by its address's failures and --
+   unless the address is remembered for the user -- the user's. One beyond its allowance is
+   refused unchecked, before anything else is asked (the cache included), exactly like a
+   wrong password. Remembered addresses are loaded from the state store on the first login
+   and written back (rarely: when new, then once a day) after a correct password.
+3. Logins with one credential (user, password) are serialised by a lock keyed by its cache
+   key; inside it the verified-credential cache is asked (HMAC of user, password and stored
+   verifier; see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation,
+   so five connections opened at once by one phone cost one derivation and count as one
+   attempt, while a guesser's other passwords never wait behind the user's.
+4. On a miss the password check is *reserved* with the throttle (it counts as a pending
+   failure until settled, so simultaneous guesses are counted like sequential ones; a
+   penalised one waits its delay), then argon2 verifies the password and, for
+   password-sealed accounts, scrypt unwraps the data key, in a worker thread of the
+   :class:`~gateway.oauth.passwords.KdfPool`: a remembered address in its priority lane, any
+   other in its address's lane (a full queue gives a fast temporary refusal). The data key
+   stays in memory in the :class:`Account` so that its tokens can be refreshed.
 5. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
    ``limits.auth_failure_delay`` (outside the lock, so an attacker's failures do not queue a
    legitimate user's logins behind them) and raises the same ``AuthenticationFailed``. A failed
