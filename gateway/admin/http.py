@@ -127,16 +127,13 @@ class AdmissionGate:
         self.cut = 0  # connections cut to make room in the reading pool
 
     def admit(self, address: str) -> bool:
-        if self.connections[address] >= self.per_address:
+        if not _take(self.connections, address, self.per_address):
             self.refused += 1
             return False
-        self.connections[address] += 1
         return True
 
     def leave(self, address: str) -> None:
-        self.connections[address] -= 1
-        if self.connections[address] <= 0:
-            del self.connections[address]
+        _drop(self.connections, address)
 
     @contextlib.contextmanager
     def reading_request(self) -> Iterator[trio.CancelScope]:
@@ -156,16 +153,25 @@ class AdmissionGate:
             self.reading.pop(token, None)
 
     def take_websocket(self, address: str) -> bool:
-        if (sum(self.websockets.values()) >= self.max_websockets
-                or self.websockets[address] >= self.websockets_per_address):
+        if sum(self.websockets.values()) >= self.max_websockets:
             return False
-        self.websockets[address] += 1
-        return True
+        return _take(self.websockets, address, self.websockets_per_address)
 
     def drop_websocket(self, address: str) -> None:
-        self.websockets[address] -= 1
-        if self.websockets[address] <= 0:
-            del self.websockets[address]
+        _drop(self.websockets, address)
+
+
+def _take(counts: collections.Counter[str], key: str, limit: int) -> bool:
+    if counts[key] >= limit:
+        return False
+    counts[key] += 1
+    return True
+
+
+def _drop(counts: collections.Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 async def handle_connection(app: AdminApp, stream: trio.SocketStream, gate: AdmissionGate) -> None:
