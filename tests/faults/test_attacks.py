@@ -116,12 +116,14 @@ async def test_guesses_from_elsewhere_never_lock_out_a_working_device(
     # The phone: in at once, twice (the first uncached after the restart).
     for _ in range(2):
         answer, took = await timed_login(server, "alice", PASSWORD, phone)
+        print(f"\nlockout: the phone logged in in {took:.2f} s")
         assert answer.startswith(b"a OK"), answer
         assert took < DEVICE_LOGIN_BOUND
     # A never-seen device of the user: slowed by the user's penalty (at most 15 s), not refused.
     # (Uncached: with the phone's credential still cached it would get in at once.)
     accounts.credentials.clear()
     answer, took = await timed_login(server, "alice", PASSWORD, "127.0.0.9")
+    print(f"lockout: a never-seen device logged in in {took:.2f} s")
     assert answer.startswith(b"a OK"), answer
     assert 15 * 0.9 <= took < 15 + DEVICE_LOGIN_BOUND
     # An attack wide enough to use up the user's whole allowance keeps never-seen devices out
