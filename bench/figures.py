@@ -1,4 +1,4 @@
-"""The nine figures of the benchmark, each mailgate against a baseline measured alongside it.
+"""The ten figures of the benchmark, each mailgate against a baseline measured alongside it.
 
 Theory of operation
 -------------------
@@ -16,7 +16,8 @@ Fairness rules every figure follows:
   neighbour slows both sides alike instead of one of them.
 * The baseline is Dovecot itself -- the upstream mailgate talks to -- over TLS, logging in with
   XOAUTH2 where logins are measured (every such login is introspected at the lab OAuth
-  server, on both sides).
+  server, on both sides). Figure 10 measures a defence, not a relay: its baseline is the same
+  mailgate login without the attack, measured in the same run.
 * mailgate measurements run after a warm-up login per account ("token cached"); a mailgate
   part that is missing or failing yields ``n/a (reason)``, never a crash.
 """
@@ -143,7 +144,7 @@ class NoTarget(Target):
 #: Mailbox groups (upstream mailboxes and the mailgate users mapped to them) per figure.
 MAILBOXES_FOR: dict[int, set[str]] = {
     1: {"login"}, 2: {"login"}, 3: {"login"}, 4: {"small"}, 5: {"big20"}, 6: {"big20"},
-    7: {"big50"}, 8: {"login"}, 9: {"pop"},
+    7: {"big50"}, 8: {"login"}, 9: {"pop"}, 10: {"login"},
 }
 
 
@@ -869,6 +870,99 @@ def fig_pop_big_mailbox(env: BenchEnv) -> list[Figure]:
     ]
 
 
+# ------------------------------------------------------------------------------ figure 10
+
+#: The flood of figure 10 (the security review's): unknown user names from three addresses.
+FLOOD_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+FLOOD_LOGINS = 300
+#: Threads sending the flood (each one login at a time, so the flood is this many deep).
+FLOOD_THREADS = 150
+#: The review's bound for a legitimate login during the flood: "within a few seconds".
+FLOOD_LOGIN_TARGET_MS = 3000.0
+FLOOD_CLIENT = (f"raw ssl sockets, {FLOOD_THREADS} threads in the benchmark process (the flood); "
+                "raw ssl socket (the measured login)")
+#: The flooding clients' patience: a refused guess is answered after the penalty (<= 15 s).
+FLOOD_CLIENT_TIMEOUT = 60.0
+
+
+def _flood_login(endpoint: Endpoint, context: ssl.SSLContext, local: str, n: int) -> bool:
+    """One IMAP LOGIN with an unknown user name from ``local``; True if it was answered."""
+    import socket
+
+    try:
+        raw = socket.create_connection((endpoint.host, endpoint.port),
+                                       timeout=FLOOD_CLIENT_TIMEOUT, source_address=(local, 0))
+    except OSError:
+        return False
+    try:
+        sock = context.wrap_socket(raw, server_hostname=endpoint.server_name)
+        sock.settimeout(FLOOD_CLIENT_TIMEOUT)
+        data = b""
+        sock.sendall(f'a LOGIN "nobody-{n}-{secrets.token_hex(4)}" "guess-{n}-xyz"\r\n'.encode())
+        while b"\r\na " not in data and not data.startswith(b"a "):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return False
+            data += chunk
+        return True
+    except OSError:
+        return False
+    finally:
+        raw.close()
+
+
+def fig_login_during_flood(env: BenchEnv) -> list[Figure]:
+    """An uncached IMAP login from a device in good standing during a flood of unknown names."""
+    name = "mg-login-1"
+    if (why := env.why_not("imap")) is not None:
+        missing = Measurement.missing(why)
+        return [Figure("10", "IMAP login, uncached, during a flood of unknown user names",
+                       RAW_CLIENT, missing, missing, MaxValue(FLOOD_LOGIN_TARGET_MS, "ms"))]
+    samples = 1 if env.settings.quick else 3
+
+    def uncached_login() -> float:
+        """A login right after a restart: nothing cached, the address remembered."""
+        client, seconds = imap_login(env.gateway_endpoint("imap"), env._gw_context(),
+                                     env.gateway_login(name))
+        client.logout()
+        return seconds
+
+    def fresh() -> None:
+        assert env.gateway is not None
+        env.gateway.stop()
+        env.gateway.start()
+
+    env.warm_up([name])  # the device logs in once: its address is remembered in the store
+    quiet: list[float] = []
+    flooded: list[float] = []
+    answered = 0
+    for _ in range(samples):
+        fresh()
+        quiet.append(uncached_login())
+        fresh()
+        endpoint, context = env.gateway_endpoint("imap"), env._gw_context()
+        with ThreadPoolExecutor(FLOOD_THREADS) as pool:
+            flood = [pool.submit(_flood_login, endpoint, context,
+                                 FLOOD_ADDRESSES[n % len(FLOOD_ADDRESSES)], n)
+                     for n in range(FLOOD_LOGINS)]
+            time.sleep(0.5)  # the flood has reached mailgate and waits for its KDF
+            flooded.append(uncached_login())
+            answered += sum(f.result() for f in flood)
+    note = (f"{FLOOD_LOGINS} LOGINs with random unknown names from {len(FLOOD_ADDRESSES)} "
+            f"addresses, {FLOOD_THREADS} at a time, right after a restart; the measured login "
+            f"comes from an address remembered for its user; baseline: the same uncached login "
+            f"without the flood; {answered} of {FLOOD_LOGINS * samples} flood logins answered")
+    detail = f"median of {samples}" if samples > 1 else "1 sample"
+    return [Figure(
+        "10", "IMAP login, uncached, during a flood of unknown user names", FLOOD_CLIENT,
+        Measurement(median(flooded) * 1000, "ms", detail,
+                    extra={"samples_ms": _ms(flooded), "flood_answered": answered}),
+        Measurement(median(quiet) * 1000, "ms", f"{detail}, no flood",
+                    extra={"samples_ms": _ms(quiet)}),
+        MaxValue(FLOOD_LOGIN_TARGET_MS, "ms"), notes=(note,),
+    )]
+
+
 #: figure number -> function
 FIGURES: dict[int, Callable[[BenchEnv], list[Figure]]] = {
     1: fig_login_latency,
@@ -880,6 +974,7 @@ FIGURES: dict[int, Callable[[BenchEnv], list[Figure]]] = {
     7: fig_transfer_memory,
     8: fig_idle_sessions,
     9: fig_pop_big_mailbox,
+    10: fig_login_during_flood,
 }
 
 

@@ -293,6 +293,12 @@ class Limits(_Section):
     max_connections: int = Field(1000, ge=1)
     max_connections_per_ip: int = Field(100, ge=1)
     kdf_concurrency: int = Field(2, ge=1)
+    kdf_queue_length: int = Field(64, ge=1)  # logins from unremembered addresses waiting for it
+    trusted_address_days: float = Field(30, gt=0)  # sliding memory of a user's good addresses
+    admin_connections_per_ip: int = Field(8, ge=1)
+    admin_request_timeout: float = Field(5, gt=0)  # to send a whole admin request head + body
+    admin_websockets: int = Field(16, ge=1)  # /events streams at once (4 per address at most)
+    admin_websocket_ping: float = Field(30, gt=0)  # an /events client must answer a ping within
     # Upstream.
     upstream_connections_per_account: int = Field(10, ge=1)
     upstream_slot_wait: float = Field(30, ge=0)

@@ -8,6 +8,8 @@ Two modes, chosen by the config (``[admin] bind`` / ``token``):
   loopback peers are served, and the ``Host`` header must name a loopback host or the bind
   host. The second rule defeats DNS rebinding: a web page on ``evil.example`` whose name
   re-resolves to 127.0.0.1 makes the browser send ``Host: evil.example``, which is refused.
+  ``Host`` is parsed as a URL authority (:func:`parse_authority`), not split at the first
+  ``:``: ``127.0.0.1:8025@evil.example`` is not a loopback host.
 * **Token**: every request must carry it, either as ``Authorization: Bearer <token>``
   (Prometheus, curl) or as the session cookie a browser gets from ``POST /login``. The cookie
   holds an HMAC of the token, not the token; comparisons are constant-time.
@@ -17,6 +19,9 @@ WebSocket upgrade) must not come from another web origin: when the browser sends
 it must be this server (cross-site WebSocket hijacking and login CSRF are refused here; the
 authorization form has its own CSRF token as well).
 
+In both modes a ``Host`` that is not a plain authority (userinfo ``@``, a path, spaces) is
+refused with 400: the value is used to build the OAuth ``redirect_uri``.
+
 ``/healthz`` and the login page are open to any allowed peer: they reveal nothing.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import urllib.parse
 
 from ..config import AdminSection
@@ -49,14 +55,37 @@ def is_loopback_host(host: str) -> bool:
     return ip.is_loopback
 
 
+#: RFC 3986 §3.2.2 host, as a browser or HTTP client sends it in ``Host``: a bracketed IPv6
+#: literal, or a registered name / IPv4 address (letters, digits, ``-``, ``.``, ``_``), with an
+#: optional numeric port. Nothing else: no userinfo (``@``), path, query, space or percent.
+_AUTHORITY = re.compile(r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def parse_authority(authority: str) -> tuple[str, int | None] | None:
+    """``127.0.0.1:8025`` → ``("127.0.0.1", 8025)``; ``[::1]`` → ``("::1", None)``; None when
+    the value is not a plain URL authority (``127.0.0.1:80@evil.example``, ``a/b``, ``a b``)."""
+    match = _AUTHORITY.fullmatch(authority.strip())
+    if match is None:
+        return None
+    host = match.group("ip6")
+    if host is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+    else:
+        host = match.group("name")
+    port = match.group("port")
+    if port is not None and int(port) > 65535:
+        return None
+    return host, int(port) if port is not None else None
+
+
 def host_of(authority: str) -> str:
-    """``127.0.0.1:8025`` → ``127.0.0.1``; ``[::1]:8025`` → ``::1``."""
-    authority = authority.strip()
-    if authority.startswith("["):
-        return authority[1:].partition("]")[0]
-    if authority.count(":") == 1:
-        return authority.partition(":")[0]
-    return authority
+    """``127.0.0.1:8025`` → ``127.0.0.1``; ``[::1]:8025`` → ``::1``; ``""`` when the value is
+    not a plain authority (see :func:`parse_authority`)."""
+    parsed = parse_authority(authority)
+    return parsed[0] if parsed is not None else ""
 
 
 class AdminAccess:
@@ -75,6 +104,10 @@ class AdminAccess:
 
     def check(self, request: Request) -> Response | None:
         """None if the request may proceed, else the refusal to send."""
+        host_header = request.header("host")
+        if host_header is not None and parse_authority(host_header) is None:
+            # The Host value ends up in URLs (the OAuth redirect_uri): only a plain authority.
+            return text("bad Host header\n", 400)
         if not self.token_required:
             if not is_loopback_host(request.peer_host):
                 return text("the admin port only serves loopback clients\n", 403)

@@ -14,7 +14,9 @@ Backpressure never reaches the gateway. ``EventBus.publish`` only offers each ev
 subscriber's bounded queue and drops a subscriber whose queue is full; on top of that, every
 send has a deadline (:data:`SEND_TIMEOUT`). A stalled client therefore ends up dropped with close
 code 1013 ("try again later") — or, if it does not even read the close frame, cut off after
-:data:`CLOSE_TIMEOUT`. Messages from the client are read and ignored (they must be read so
+:data:`CLOSE_TIMEOUT`. A client that reads nothing at all is found without waiting for events
+to back up: it is pinged every ``ping_interval`` (``limits.admin_websocket_ping``) and dropped
+when no pong comes back within as long. Messages from the client are read and ignored (they must be read so
 that trio-websocket can answer pings and see the close).
 """
 
@@ -68,8 +70,11 @@ def encode_event(event: dict[str, Any]) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
-async def serve_events(stream: trio.abc.Stream, replay: bytes, bus: EventBus) -> None:
-    """Run one event-stream client until it leaves, stalls or the admin plane stops."""
+async def serve_events(stream: trio.abc.Stream, replay: bytes, bus: EventBus,
+                       *, ping_interval: float | None = None) -> None:
+    """Run one event-stream client until it leaves, stalls or the admin plane stops. With
+    ``ping_interval``, the client is pinged that often and dropped when it does not answer
+    within as long (a client that never reads answers nothing)."""
     async with trio.open_nursery() as nursery:
         events = bus.subscribe()
         with events:
@@ -82,7 +87,12 @@ async def serve_events(stream: trio.abc.Stream, replay: bytes, bus: EventBus) ->
                 nursery.cancel_scope.cancel()
                 return
             nursery.start_soon(_ignore_incoming, ws, nursery.cancel_scope)
-            reason = await _pump(ws, events)
+            with trio.CancelScope() as pump_scope:
+                if ping_interval is not None:
+                    nursery.start_soon(_keep_alive, ws, ping_interval, pump_scope)
+                reason = await _pump(ws, events)
+            if pump_scope.cancelled_caught:
+                reason = "no answer to ping"
             await _close(ws, reason)
             nursery.cancel_scope.cancel()
 
@@ -98,6 +108,21 @@ async def _pump(ws: WebSocketConnection, events: trio.MemoryReceiveChannel[dict[
     except ConnectionClosed:
         return "closed"
     return "too slow"  # the bus dropped this subscriber
+
+
+async def _keep_alive(ws: WebSocketConnection, interval: float, pump: trio.CancelScope) -> None:
+    """Ping every ``interval``; no pong within ``interval`` ends the pump (the stream is
+    dropped)."""
+    try:
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as scope:
+                await ws.ping()
+            if scope.cancelled_caught:
+                pump.cancel()
+                return
+    except ConnectionClosed:
+        pass
 
 
 async def _ignore_incoming(ws: WebSocketConnection, scope: trio.CancelScope) -> None:

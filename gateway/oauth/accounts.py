@@ -6,17 +6,27 @@ Theory of operation
 ends call :meth:`AccountManager.login` on every client login and get an :class:`Account`, whose
 :meth:`Account.access_token` the upstream login calls.
 
-Login (``login(username, password)``):
+Login (``login(username, password, peer=...)``):
 
 1. The user name is a ``[users.X]`` key, or (case-insensitively) that user's ``upstream_user``.
-2. The verified-credential cache is asked first (HMAC of user, password and stored verifier;
-   see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation.
-3. On a miss, argon2 verifies the password and, for password-sealed accounts, scrypt unwraps
-   the data key, in a worker thread bounded by ``limits.kdf_concurrency``. Derivations of one
-   account are serialised by a per-account lock and the cache is asked again inside it, so five
-   connections opened at once by one phone cost one derivation, not five. The data key stays in
-   memory in the :class:`Account` so that its tokens can be refreshed for the sessions.
-4. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
+2. The throttle (:mod:`gateway.defence`) judges the attempt by its address's failures and --
+   unless the address is remembered for the user -- the user's. One beyond its allowance is
+   refused unchecked, before anything else is asked (the cache included), exactly like a
+   wrong password. Remembered addresses are loaded from the state store on the first login
+   and written back (rarely: when new, then once a day) after a correct password.
+3. Logins with one credential (user, password) are serialised by a lock keyed by its cache
+   key; inside it the verified-credential cache is asked (HMAC of user, password and stored
+   verifier; see :mod:`gateway.oauth.passwords`): a hit costs microseconds and no derivation,
+   so five connections opened at once by one phone cost one derivation and count as one
+   attempt, while a guesser's other passwords never wait behind the user's.
+4. On a miss the password check is *reserved* with the throttle (it counts as a pending
+   failure until settled, so simultaneous guesses are counted like sequential ones; a
+   penalised one waits its delay), then argon2 verifies the password and, for
+   password-sealed accounts, scrypt unwraps the data key, in a worker thread of the
+   :class:`~gateway.oauth.passwords.KdfPool`: a remembered address in its priority lane, any
+   other in its address's lane (a full queue gives a fast temporary refusal). The data key
+   stays in memory in the :class:`Account` so that its tokens can be refreshed.
+5. Any failure (unknown user, no record, wrong password) spends the same derivation, waits
    ``limits.auth_failure_delay`` (outside the lock, so an attacker's failures do not queue a
    legitimate user's logins behind them) and raises the same ``AuthenticationFailed``. A failed
    login only reads the state store: it never changes a byte of it.
@@ -53,17 +63,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import trio
 
-from ..defence import ALLOW, AuthThrottle
+from ..defence import ALLOW, Attempt, AuthThrottle, TrustedAddresses, address_key
 from ..errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
 from ..logs import register_secret
 from . import credentials, grants
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .jwt import ServiceAccountKey
-from .passwords import CredentialCache, KdfPool, burn_verification, verify_password
+from .passwords import CredentialCache, KdfBusy, KdfPool, burn_verification, verify_password
 from .sealing import SealError, read_key_file, seal, unseal
 from .store import REFRESH_TOKEN, AccountRecord, StoreError, open_store
 from .tokens import TokenCache
@@ -84,6 +95,7 @@ TEMPORARY_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error", "
 STATUS_OK = "ok"
 STATUS_NEEDS_REAUTHORIZATION = "needs_reauthorization"
 AUTH_FAILED_MESSAGE = "authentication failed"
+DAY = 86400.0
 
 
 class Account:
@@ -106,7 +118,6 @@ class Account:
         self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
         self._status_written: str | None = None
         self._publish = publish
-        self.login_lock = trio.Lock()
 
     def __repr__(self) -> str:
         return f"<Account {self.name} provider={self.provider.name} flow={self.provider.flow}>"
@@ -305,10 +316,15 @@ class AccountManager:
         self.config = config
         self.limits = config.limits
         self.store = store if store is not None else open_store(config)
-        self.kdf = KdfPool(config.limits.kdf_concurrency)
+        self.kdf = KdfPool(config.limits.kdf_concurrency,
+                           max_queued=config.limits.kdf_queue_length)
         self.credentials = CredentialCache()
-        # Per-IP / per-user penalties for failed logins (gateway.defence).
+        # Per-IP / per-user penalties for failed logins, and the addresses remembered per
+        # user (gateway.defence; loaded from the store on the first login).
         self.throttle = AuthThrottle(base_delay=config.limits.auth_failure_delay)
+        self._trusted: TrustedAddresses | None = None
+        self._trusted_loading = trio.Lock()
+        self._login_locks: dict[bytes, tuple[trio.Lock, int]] = {}
         self.events = events
         self._accounts: dict[str, Account] = {}
         self._by_upstream = {u.upstream_user.casefold(): n for n, u in config.users.items()}
@@ -328,8 +344,12 @@ class AccountManager:
                 self._accounts[name] = account
             else:
                 self.account(name, config=config).carry_over(account)
-        if config.limits.kdf_concurrency != self.limits.kdf_concurrency:
-            self.kdf = KdfPool(config.limits.kdf_concurrency)
+        if (config.limits.kdf_concurrency, config.limits.kdf_queue_length) != (
+                self.limits.kdf_concurrency, self.limits.kdf_queue_length):
+            self.kdf = KdfPool(config.limits.kdf_concurrency,
+                               max_queued=config.limits.kdf_queue_length)
+        if self._trusted is not None:
+            self._trusted.ttl = config.limits.trusted_address_days * DAY
         self.config, self.limits = config, config.limits
         self.throttle.base_delay = config.limits.auth_failure_delay  # penalties are kept
         self._records, self._records_stamp = {}, None
@@ -364,59 +384,142 @@ class AccountManager:
 
     async def login(self, username: str, password: str, *, peer: str | None = None) -> Account:
         """Check a client's local password. ``peer`` (the client's IP address) enables the
-        per-IP / per-user penalties of :class:`~gateway.defence.AuthThrottle`: a penalised
-        attempt waits first, and a heavily penalised one is refused unchecked -- answered
-        exactly like a wrong password. A password verified recently (the credential cache)
-        passes at once, so a guesser on the same network cannot lock out working devices."""
+        defence of :mod:`gateway.defence`: an attempt beyond its allowance is refused
+        unchecked -- answered exactly like a wrong password -- and every password check is
+        reserved with the throttle before it runs (a penalised one waits first). An address
+        remembered for the user (it logged in correctly before) is judged by its own failures
+        only, and its derivations take the KDF's priority lane."""
         name = self.resolve(username)
-        who = (peer, name or username) if peer is not None else None
-        verdict = self.throttle.check(*who) if who is not None else ALLOW
-        if verdict is not ALLOW and not await self._recently_verified(name, password):
-            await trio.sleep(verdict.delay)
-            if verdict.refuse:
-                await self._fail(name or username, "throttled after repeated failures", who)
-        if name is None:
-            await self.kdf.run(burn_verification, password)
-            await self._fail(username, "unknown user", who)
-        account = self.account(name)
-        record = await self._record(name)
-        failure = None
-        if record is None:
-            await self.kdf.run(burn_verification, password)
-            failure = f"not authorized yet (run: mailgate authorize {name})"
-        elif not self._cached(account, record, password):
-            # One derivation at a time per account: concurrent logins with the same password
-            # wait for the first and then hit the cache.
-            async with account.login_lock:
-                if not self._cached(account, record, password):
-                    failure = await self._verify(account, record, password)
-        if failure is not None:  # the failure delay is served outside the lock
-            await self._fail(name, failure, who)
-        if who is not None:
-            self.throttle.record_success(*who)
+        trusted = peer is not None and name is not None and await self._trusts(name, peer)
+        held: list[Attempt] = []
+        try:
+            account = await self._check_password(name, username, password, peer, trusted, held)
+        except KdfBusy:
+            log.warning("login for %r refused: too many logins waiting for a password check",
+                        name or username)
+            raise TemporaryFailure("too many logins at once; try again later") from None
+        finally:
+            for attempt in held:
+                attempt.release()  # not settled: no check happened (cancelled, busy)
+        if peer is not None:
+            await self._remember_address(account.name, peer)
+        record = await self._record(account.name)
         assert record is not None
         if record.provider != account.provider.name:
             raise ReauthorizationRequired(
-                name, f"authorized for provider {record.provider!r}, now {account.provider.name!r}"
+                account.name,
+                f"authorized for provider {record.provider!r}, now {account.provider.name!r}",
             )
         await account.check_usable()
         return account
 
-    async def _recently_verified(self, name: str | None, password: str) -> bool:
+    async def _check_password(
+        self, name: str | None, username: str, password: str, peer: str | None,
+        trusted: bool, held: list[Attempt],
+    ) -> Account:
+        """The password check proper; every reserved attempt is appended to ``held`` and
+        settled here (failed or succeeded) when a check ran."""
+        who = name or username
+        lane = None if trusted or peer is None else address_key(peer)
+        if peer is not None:
+            verdict = self.throttle.check(peer, who, known=name is not None, trusted=trusted)
+            if verdict.refuse:
+                # Refused before anything is looked at, the credential cache included: a
+                # penalised address gets no cheap test of the right password either.
+                await trio.sleep(verdict.delay)
+                await self._fail(who, "throttled after repeated failures", None)
         if name is None:
-            return False
+            attempt = await self._reserve(peer, who, False, trusted, held)
+            if attempt is None or not attempt.refused:
+                await self.kdf.run(burn_verification, password, lane=lane)
+            await self._fail(who, "unknown user", attempt)
+        account = self.account(name)
         record = await self._record(name)
-        return record is not None and self._cached(self.account(name), record, password)
+        if record is None:
+            attempt = await self._reserve(peer, name, True, trusted, held)
+            if attempt is None or not attempt.refused:
+                await self.kdf.run(burn_verification, password, lane=lane)
+            await self._fail(name, f"not authorized yet (run: mailgate authorize {name})",
+                             attempt)
+        failure, attempt = None, None
+        # One derivation at a time per credential: concurrent logins with the same password
+        # (a phone opening five connections) wait for the first and then hit the cache, and
+        # count as one attempt; other passwords (a guesser's) never queue behind it.
+        async with self._login_lock(account.name, password, record.password_hash):
+            if not self._cached(account, record, password):
+                attempt = await self._reserve(peer, name, True, trusted, held)
+                if attempt is not None and attempt.refused:
+                    failure = "throttled after repeated failures"
+                else:
+                    failure = await self._verify(account, record, password, lane)
+        if failure is not None:  # the failure delay is served outside the lock
+            await self._fail(name, failure, attempt)
+        if attempt is not None:
+            attempt.succeeded()
+        elif peer is not None:
+            self.throttle.forgive_address(peer)  # a cache hit proves the password as well
+        return account
+
+    async def _reserve(self, peer: str | None, who: str, known: bool, trusted: bool,
+                       held: list[Attempt]) -> Attempt | None:
+        """Reserve a password check with the throttle and serve its penalty delay."""
+        if peer is None:
+            return None
+        attempt = self.throttle.begin(peer, who, known=known, trusted=trusted)
+        held.append(attempt)
+        await trio.sleep(attempt.verdict.delay)
+        return attempt
+
+    def _login_lock(self, name: str, password: str, verifier: str) -> "_KeyedLock":
+        return _KeyedLock(self._login_locks, self.credentials.key_of(name, password, verifier))
+
+    async def _trusts(self, name: str, peer: str) -> bool:
+        trusted = await self._trusted_addresses()
+        return trusted is not None and trusted.contains(name, peer)
+
+    async def _trusted_addresses(self) -> TrustedAddresses | None:
+        """The remembered addresses, loaded from the store on first use (None while the store
+        cannot be read: nothing is remembered then, and the next login tries again)."""
+        if self._trusted is None:
+            async with self._trusted_loading:
+                if self._trusted is None:
+                    try:
+                        key = await _in_thread(self.store.address_key)
+                        rows = await _in_thread(self.store.trusted_addresses)
+                    except StoreError as exc:
+                        log.error("remembered addresses unavailable: %s", exc)
+                        return None
+                    trusted = TrustedAddresses(key, ttl=self.limits.trusted_address_days * DAY)
+                    trusted.load(rows)
+                    self._trusted = trusted
+        return self._trusted
+
+    async def _remember_address(self, name: str, peer: str) -> None:
+        """After a correct password: remember ``peer`` for ``name`` (in the store when new or
+        not written for a day). A store error is logged; the login still succeeds."""
+        trusted = await self._trusted_addresses()
+        if trusted is None:
+            return
+        write = trusted.remember(name, peer)
+        if write is None:
+            return
+        digest, seen = write
+        try:
+            await _in_thread(partial(self.store.remember_address, forget_before=seen - trusted.ttl),
+                             name, digest, seen)
+        except StoreError as exc:
+            log.error("account %s: cannot remember the login address: %s", name, exc)
 
     def _cached(self, account: Account, record: AccountRecord, password: str) -> bool:
         return self.credentials.check(account.name, password, record.password_hash) and (
             account.unlocked or record.key_wrapping == "keyfile"
         )
 
-    async def _verify(self, account: Account, record: AccountRecord, password: str) -> str | None:
+    async def _verify(self, account: Account, record: AccountRecord, password: str,
+                      lane: str | None) -> str | None:
         """Run the derivation; None on success, else why the login fails (for the log)."""
         try:
-            data_key = await self.kdf.run(_unlock, record, password)
+            data_key = await self.kdf.run(_unlock, record, password, lane=lane)
         except SealError as exc:
             log.error("account %s: %s", account.name, exc)
             return "stored credentials do not open"
@@ -449,9 +552,9 @@ class AccountManager:
             self._records[name] = record
         return record
 
-    async def _fail(self, name: str, reason: str, who: tuple[str, str] | None = None) -> NoReturn:
-        if who is not None:
-            self.throttle.record_failure(*who)
+    async def _fail(self, name: str, reason: str, attempt: Attempt | None) -> NoReturn:
+        if attempt is not None:
+            attempt.failed()
         log.info("login failed for %r: %s", name, reason)
         await trio.sleep(self.limits.auth_failure_delay)
         raise AuthenticationFailed(AUTH_FAILED_MESSAGE)
@@ -463,6 +566,36 @@ def _unlock(record: AccountRecord, password: str) -> bytes | None:
     if record.key_wrapping == "keyfile":
         return b"" if verify_password(record.password_hash, password) else None
     return credentials.unlock(record, password)
+
+
+class _KeyedLock:
+    """``async with``: one holder per key at a time; the table keeps only keys in use."""
+
+    def __init__(self, locks: dict[bytes, tuple[trio.Lock, int]], key: bytes):
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._key, (None, 0))
+        if lock is None:
+            lock = trio.Lock()
+        self._locks[self._key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(lock)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        lock = self._locks[self._key][0]
+        lock.release()
+        self._leave(lock)
+
+    def _leave(self, lock: trio.Lock) -> None:
+        users = self._locks[self._key][1] - 1
+        if users:
+            self._locks[self._key] = (lock, users)
+        else:
+            del self._locks[self._key]
 
 
 async def _in_thread(fn: Callable[..., T], *args: object) -> T:

@@ -4,8 +4,13 @@ Theory of operation
 -------------------
 The store holds, per account: the local password verifier (an argon2 PHC string), the account's
 data key *wrapped* (see :mod:`gateway.oauth.sealing`), the sealed upstream secrets, and a small
-status row that ``mailgate check`` reads ("needs re-authorization", with the fixing command).
-No secret is ever stored in clear.
+status row that ``mailgate check`` reads ("needs re-authorization", with the fixing command),
+and the addresses remembered for the account (:class:`gateway.defence.TrustedAddresses`): an
+HMAC of each address under the store's own random key (table ``meta``) and when it last logged
+in -- never the address in clear. No secret is ever stored in clear.
+
+* Schema: ``PRAGMA user_version``. Opening a store of an older version runs the idempotent
+  schema script again, which adds what is missing (1 → 2: ``meta`` and ``trusted_addresses``).
 
 * Atomic: every write is one SQLite transaction (rollback journal, ``synchronous=FULL``):
   after a crash the file holds either the old or the new state, never a mix. A rotated refresh
@@ -33,6 +38,7 @@ No secret is ever stored in clear.
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -49,7 +55,9 @@ STATE_DB_NAME = "mailgate.sqlite3"
 #: Where SQLite keeps its 4-byte big-endian file change counter in the database header.
 CHANGE_COUNTER_OFFSET = 24
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another writer
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: remembered addresses (`trusted_addresses`, `meta`)
+#: The `meta` row holding the store's own random key for address digests.
+ADDRESS_KEY = "address_key"
 
 REFRESH_TOKEN = "refresh_token"
 
@@ -79,6 +87,16 @@ CREATE TABLE IF NOT EXISTS status (
     state   TEXT NOT NULL,
     detail  TEXT NOT NULL,
     updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trusted_addresses (
+    account   TEXT NOT NULL,
+    digest    BLOB NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (account, digest)
 );
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -129,10 +147,14 @@ class StateStore:
             with self._read() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
             if version != SCHEMA_VERSION:
+                # Every statement is idempotent (IF NOT EXISTS / OR IGNORE): the same script
+                # creates a new store and brings an older one up to date.
                 with self._write() as db:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             db.execute(statement)
+                    db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                               (ADDRESS_KEY, secrets.token_bytes(32)))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"state file {self.path}: {exc}") from None
 
@@ -210,7 +232,34 @@ class StateStore:
             ).fetchone()
         return AccountStatus(*row) if row else None
 
+    def address_key(self) -> bytes:
+        """The store's own random key for the digests of remembered addresses."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (ADDRESS_KEY,)).fetchone()
+        if row is None:
+            raise StoreError(f"state file {self.path}: no address key (schema {SCHEMA_VERSION}?)")
+        return bytes(row[0])
+
+    def trusted_addresses(self) -> list[tuple[str, bytes, float]]:
+        """Every remembered address: (account, digest, last seen as a Unix time)."""
+        with self._read() as db:
+            return [(r[0], bytes(r[1]), r[2]) for r in db.execute(
+                "SELECT account, digest, last_seen FROM trusted_addresses")]
+
     # --- writes (each one transaction) ------------------------------------------------------
+
+    def remember_address(self, account: str, digest: bytes, last_seen: float,
+                         *, forget_before: float) -> None:
+        """Record that ``digest`` (an address HMAC) logged in as ``account`` at ``last_seen``;
+        the same transaction forgets the account's addresses not seen since ``forget_before``."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO trusted_addresses (account, digest, last_seen) VALUES (?, ?, ?)"
+                " ON CONFLICT(account, digest) DO UPDATE SET last_seen = excluded.last_seen",
+                (account, digest, last_seen),
+            )
+            db.execute("DELETE FROM trusted_addresses WHERE account = ? AND last_seen < ?",
+                       (account, forget_before))
 
     def save_account(
         self, record: AccountRecord, secrets: dict[str, SealedSecret] | None = None
@@ -269,6 +318,7 @@ class StateStore:
         with self._write() as db:
             db.execute("DELETE FROM secrets WHERE account = ?", (name,))
             db.execute("DELETE FROM status WHERE account = ?", (name,))
+            db.execute("DELETE FROM trusted_addresses WHERE account = ?", (name,))
             db.execute("DELETE FROM accounts WHERE name = ?", (name,))
 
 

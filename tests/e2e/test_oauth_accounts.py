@@ -238,7 +238,7 @@ async def test_store_schema_is_what_the_docs_say(seeded):
     db = sqlite3.connect(StateStore(config.server.state_dir).path)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     db.close()
-    assert tables == {"accounts", "secrets", "status"}
+    assert tables == {"accounts", "secrets", "status", "trusted_addresses", "meta"}
 
 
 async def test_token_events_and_config_reload(idp, seeded, tmp_path):

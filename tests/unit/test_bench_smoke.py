@@ -248,10 +248,10 @@ def test_small_messages_are_exact_and_deterministic() -> None:
 
 
 def test_only_selects_figures_and_rejects_unknown_ones() -> None:
-    assert parse_only(None) == sorted(FIGURES) == list(range(1, 10))
+    assert parse_only(None) == sorted(FIGURES) == list(range(1, 11))
     assert parse_only("5, 1,5") == [1, 5]
     with pytest.raises(ValueError):
-        parse_only("10")
+        parse_only("11")
     args = build_parser().parse_args(["--quick", "--only", "1,5"])
     assert args.quick and args.only == "1,5"
     assert set(MAILBOXES_FOR) == set(FIGURES)
