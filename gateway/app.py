@@ -40,6 +40,7 @@ from .oauth.accounts import AccountManager
 from .oauth.store import open_store
 from .server import GatewayServer, make_server_ssl_context
 from .upstream.connector import UpstreamConnector
+from .upstream.smtp_connector import SmtpConnector
 
 log = logging.getLogger("mailgate")
 
@@ -56,6 +57,7 @@ def build_context(config: Config) -> GatewayContext:
         events=events,
         connector=UpstreamConnector(config, publish=events.publish),
         store=store,
+        smtp=SmtpConnector(config, publish=events.publish),
     )
 
 
@@ -95,6 +97,8 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
     ctx.config = config
     ctx.accounts.update_config(config)
     ctx.connector.update_config(config)
+    if ctx.smtp is not None:
+        ctx.smtp.update_config(config)
     if any(lst.tls != "none" for lst in config.listeners) and server.ssl_context is not None:
         try:
             server.ssl_context = make_server_ssl_context(config)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .events import EventBus
-from .ports import Accounts, CredentialStore, UpstreamConnector
+from .ports import Accounts, CredentialStore, SmtpConnector, UpstreamConnector
 
 
 @dataclass
@@ -23,3 +23,5 @@ class GatewayContext:
     events: EventBus
     connector: UpstreamConnector
     store: CredentialStore
+    # Sending (SMTP submission); None in contexts built without it (SMTP listeners then refuse).
+    smtp: SmtpConnector | None = None

@@ -455,7 +455,7 @@ class CommandReader:
         self._data = bytearray()
         self._skip_to_eol = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._data += data
 
     @property
@@ -638,7 +638,7 @@ class ReplyParser:
         self._lines: list[str] = []
         self._code: int | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._data += data
 
     @property

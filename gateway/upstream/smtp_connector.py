@@ -1,0 +1,139 @@
+"""The SMTP connector: logged-in upstream SMTP connections, and what sending remembers per account.
+
+Theory of operation
+-------------------
+One :class:`SmtpConnector` is built per gateway (:func:`gateway.app.build_context`) and reached
+by the SMTP front end through the context; it implements :class:`gateway.ports.SmtpConnector`.
+
+* **Connection cap.** One :class:`~gateway.upstream.slots.UpstreamSlots` per ``[users.X]`` name
+  with ``limits.smtp_upstream_connections_per_account`` slots -- a cap apart from the IMAP
+  one, so a scanner sending never takes a phone's IMAP connection. :meth:`SmtpConnector.open`
+  takes a slot and logs in (:func:`gateway.upstream.smtp.open_smtp`); the connection releases
+  it when closed. A reload keeps the slots of accounts whose cap did not change.
+* **What the provider offers.** A client's EHLO comes before its AUTH, so before mailgate knows
+  the account. :meth:`SmtpConnector.extensions` returns the EHLO extensions last seen from a
+  provider's server (from any logged-in connection, or from one unauthenticated probe:
+  connect, EHLO, QUIT), cached for :data:`EXTENSIONS_TTL` seconds; ``None`` if the server
+  cannot be reached (the front end then offers only what needs nothing from the upstream).
+* **Sending rate.** :meth:`SmtpConnector.try_send` counts the messages each account handed on
+  within the last hour (a sliding window of timestamps) against
+  ``limits.smtp_messages_per_user_per_hour``.
+* **What went wrong.** :meth:`SmtpConnector.note_problem` keeps each account's last
+  explained provider answer (:mod:`gateway.upstream.smtp_answers`) for the status page, and
+  :attr:`SmtpConnector.stats` the counters of ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..config import Config, Limits, ProviderConfig
+from ..errors import MailgateError
+from ..ports import TokenSource
+from .slots import UpstreamSlots
+from .smtp import Publish, UpstreamSMTP, connect_smtp, open_smtp
+
+__all__ = ["EXTENSIONS_TTL", "SmtpConnector", "SmtpProblem", "SmtpStats"]
+
+#: How long a provider's EHLO extensions are trusted before they are probed again.
+EXTENSIONS_TTL = 3600.0
+#: The window of ``limits.smtp_messages_per_user_per_hour``.
+RATE_WINDOW = 3600.0
+#: How long a probe of a provider's extensions may take (the client is waiting for EHLO).
+PROBE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class SmtpProblem:
+    """The last explained provider answer of an account (nothing secret)."""
+
+    when: float
+    reply: str
+    key: str
+    advice: str
+
+
+@dataclass
+class SmtpStats:
+    """Counters for ``/metrics``."""
+
+    messages: int = 0  # messages the upstream accepted
+    bytes: int = 0  # octets of those messages
+    refused: int = 0  # messages not handed on (refused by mailgate or the upstream)
+    replies: collections.Counter[str] = field(default_factory=collections.Counter)  # "2xx".. per class
+
+
+class SmtpConnector:
+    def __init__(self, config: Config, *, publish: Publish | None = None) -> None:
+        self._limits: Limits = config.limits
+        self._publish = publish
+        self._slots: dict[str, UpstreamSlots] = {}
+        self._extensions: dict[str, tuple[float, dict[str, str]]] = {}
+        self._sent: dict[str, collections.deque[float]] = {}
+        self.problems: dict[str, SmtpProblem] = {}
+        self.stats = SmtpStats()
+
+    def slots(self, account: str) -> UpstreamSlots:
+        slots = self._slots.get(account)
+        if slots is None:
+            slots = UpstreamSlots(account, capacity=self._limits.smtp_upstream_connections_per_account,
+                                  wait=self._limits.upstream_slot_wait)
+            self._slots[account] = slots
+        return slots
+
+    async def open(self, account: TokenSource) -> UpstreamSMTP:
+        client = await open_smtp(account, self._limits, slots=self.slots(account.name),
+                                 publish=self._publish)
+        if account.provider.smtp is not None:
+            self._extensions[account.provider.smtp] = (time.monotonic(), dict(client.extensions))
+        self.problems.pop(account.name, None)
+        return client
+
+    async def extensions(self, provider: ProviderConfig) -> dict[str, str] | None:
+        if provider.smtp is None:
+            return None
+        cached = self._extensions.get(provider.smtp)
+        if cached is not None and time.monotonic() - cached[0] < EXTENSIONS_TTL:
+            return cached[1]
+        try:
+            with trio.fail_after(PROBE_TIMEOUT):
+                client = await connect_smtp(
+                    provider.smtp_host, provider.smtp_port, tls=provider.smtp_tls,
+                    ca_file=provider.ca_file, connect_timeout=self._limits.upstream_connect_timeout,
+                    command_timeout=self._limits.upstream_command_timeout,
+                    data_timeout=self._limits.smtp_data_timeout,
+                )
+                await client.quit(self._limits.logout_timeout)
+        except (MailgateError, trio.TooSlowError):
+            return cached[1] if cached is not None else None
+        extensions = dict(client.extensions)
+        self._extensions[provider.smtp] = (time.monotonic(), extensions)
+        return extensions
+
+    def try_send(self, account: str) -> bool:
+        """Count one message against the account's hourly limit; False when it is used up."""
+        now = time.monotonic()
+        sent = self._sent.setdefault(account, collections.deque())
+        while sent and now - sent[0] >= RATE_WINDOW:
+            sent.popleft()
+        if len(sent) >= self._limits.smtp_messages_per_user_per_hour:
+            return False
+        sent.append(now)
+        return True
+
+    def note_problem(self, account: str, reply: str, key: str, advice: str) -> None:
+        self.problems[account] = SmtpProblem(time.time(), reply, key, advice)
+
+    def update_config(self, config: Config) -> None:
+        limits = config.limits
+        kept: dict[str, UpstreamSlots] = {}
+        for name, slots in self._slots.items():
+            if name in config.users and slots.capacity == limits.smtp_upstream_connections_per_account:
+                slots.wait = limits.upstream_slot_wait
+                kept[name] = slots
+        self._slots, self._limits = kept, limits
+        self.problems = {k: v for k, v in self.problems.items() if k in config.users}
