@@ -108,6 +108,13 @@ class Accounts(Protocol):
         """The running account of a configured user, if one was used since the start."""
         ...
 
+    def account(self, name: str) -> LocalAccount:
+        """The account of a configured user *without* a password check (SMTP relay mode;
+        ``KeyError`` if there is none). Its tokens are available only where no local password
+        seals them (a provider ``key_file``, app-only flows) or after its user logged in since
+        the start; otherwise ``access_token`` raises ``AuthenticationFailed``."""
+        ...
+
     def update_config(self, config: Config) -> None:
         """SIGHUP: new sessions see the new users and providers."""
         ...
