@@ -59,7 +59,7 @@ def smtp_listeners(relay_user: str = USER) -> list[dict[str, Any]]:
 
 def smtp_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str, *,
                 smtp: str | None = None, ca_file: Path | None = None, smtp_tls: str = "implicit",
-                **limits: Any) -> Config:
+                extra_users: dict[str, Any] | None = None, **limits: Any) -> Config:
     port = lab.ports["submissions" if smtp_tls == "implicit" else "submission"]
     provider = {**lab_provider(lab, oauth, ca_file=ca_file), "smtp": smtp or f"{lab.host}:{port}",
                 "smtp_tls": smtp_tls}
@@ -68,7 +68,8 @@ def smtp_config(tmp_path: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream
         "listener": smtp_listeners(),
         "admin": {"enabled": False},
         "providers": {"lab": provider},
-        "users": {USER: {"provider": "lab", "upstream_user": upstream_user, "send_as": [ALIAS]}},
+        "users": {USER: {"provider": "lab", "upstream_user": upstream_user, "send_as": [ALIAS]},
+                  **(extra_users or {})},
         "limits": {"auth_failure_delay": 0, "token_request_timeout": 5, "upstream_connect_timeout": 5,
                    "upstream_command_timeout": 10, **limits},
     }
