@@ -555,8 +555,22 @@ class SmtpSession:
             await self._lost_upstream()
             return None
         self._count_reply(reply)
+        if reply.code == 421:
+            self.state.transaction_done()
+            await self._relay_reply(reply)
+            return None
         await self.send(reply.wire())
         return reply
+
+    async def _relay_reply(self, reply: Reply) -> None:
+        """An upstream reply to the client. ``421`` (the upstream is closing) ends the
+        transaction, not the client's session: the client gets ``451`` with the upstream's
+        text, and the upstream connection is dropped (the next MAIL opens a new one)."""
+        if reply.code != 421:
+            await self.send(reply.wire())
+            return
+        await self._close_upstream(polite=False)
+        await self.send(_r(451, reply.enhanced or "4.3.0", f"The mail provider closed the connection: {reply.text}"))
 
     async def _lost_upstream(self) -> None:
         await self._close_upstream(polite=False)
@@ -606,7 +620,7 @@ class SmtpSession:
             return None
         self._count_reply(reply)
         if reply.code != 354:
-            await self.send(reply.wire())
+            await self._relay_reply(reply)
             return None
         await self.send(DATA_GO_AHEAD)
         return reply
@@ -663,7 +677,7 @@ class SmtpSession:
             return
         self._count_reply(reply)
         self._message_done("sent" if reply.positive else "refused_upstream", reply)
-        await self.send(reply.wire())
+        await self._relay_reply(reply)
 
     # ------------------------------------------------------------------ BDAT (RFC 3030)
 
@@ -703,7 +717,7 @@ class SmtpSession:
             self._message_done("sent" if reply.positive else "refused_upstream", reply)
         else:
             self.state.chunk_accepted(last=False)
-        await self.send(reply.wire())
+        await self._relay_reply(reply)
 
     # ------------------------------------------------------------------ accounting
 
