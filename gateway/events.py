@@ -23,8 +23,13 @@ session.authenticated    protocol, peer, user                                   
 login.failed             protocol, peer, user (as typed), reason: bad_credentials |      front end
                          reauthorization_required | temporary | plaintext_refused
 session.closed           protocol, peer, user, bytes_in, bytes_out, duration, outcome    server
-upstream.connected       user, upstream (host:port), latency_ms                          upstream
-upstream.error           user, upstream (host:port), reason                              upstream
+upstream.connected       user, upstream (host:port), latency_ms; protocol: smtp for the  upstream
+                         SMTP connections (IMAP's have none)
+upstream.error           user, upstream (host:port), reason; protocol as above           upstream
+smtp.message             user, peer, rcpts, rcpts_refused, size, reply, reply_class,     front end
+                         outcome: sent | refused_upstream | refused_size |
+                         refused_bare_lf | upstream_failed | aborted; relay (no AUTH)
+smtp.refused             peer, user, reason: auth_required | sender_not_owned            front end
 token.refreshed          user, provider                                                  oauth
 token.failed             user, provider, reason: reauthorization_required | temporary    oauth
 config.reloaded          users                                                           app

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .oauth.store import AccountRecord, AccountStatus, SealedSecret
     from .upstream.client import UpstreamIMAP
     from .upstream.smtp import UpstreamSMTP
-    from .upstream.smtp_connector import SmtpProblem, SmtpStats
+    from .upstream.smtp_connector import SmtpProblem
 
 T = TypeVar("T")
 
@@ -145,9 +145,6 @@ class SmtpConnector(Protocol):
     the SMTP connection cap (apart from IMAP's), the hourly message count, the last explained
     provider answer. Same release rule as :class:`UpstreamConnector`: close what :meth:`open`
     returned, on every path."""
-
-    @property
-    def stats(self) -> SmtpStats: ...
 
     @property
     def problems(self) -> dict[str, SmtpProblem]: ...

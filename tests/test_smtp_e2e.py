@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 
@@ -237,3 +238,50 @@ async def test_bare_lf_dot_line_is_refused_and_nothing_is_sent(smtp_gate: SmtpGa
     await wire.aclose()
     await trio.sleep(0.3)
     assert smtp_gate.sink_count(rcpt) == 0
+
+
+async def test_log_line_metrics_and_status(smtp_gate: SmtpGate, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.admin.metrics import LiveState, Metrics
+    from gateway.admin.pages import status_fragment
+    from gateway.admin.status import AccountActivity, snapshot
+
+    caplog.set_level(logging.DEBUG, logger="mailgate")
+    metrics = Metrics()
+    smtp_gate.server.ctx.events.observe(metrics)
+    ok, refused = new_rcpt(), new_rcpt("refuse")
+    body = b"Subject: secret subject\r\n\r\nsecret body\r\n"
+    wire = await smtp_gate.login()
+    assert (await wire.command(f"MAIL FROM:<{smtp_gate.upstream_user}>"))[0] == 250
+    assert (await wire.command(f"RCPT TO:<{ok}>"))[0] == 250
+    assert (await wire.command(f"RCPT TO:<{refused}>"))[0] == 550
+    assert (await wire.command("DATA"))[0] == 354
+    await wire.send(body + b".\r\n")
+    assert (await wire.reply())[0] == 250
+    # The session shows on the status page while it is open.
+    snap = await snapshot(smtp_gate.server, smtp_gate.config.listeners, AccountActivity())
+    [session] = [s for s in snap["sessions"] if s["protocol"] == "smtp" and s["user"] == "alice"]
+    assert session["tls"] is True
+    await wire.command("QUIT")
+    await wire.aclose()
+
+    [line] = [r for r in caplog.records if r.getMessage().startswith("smtp message:")]
+    text = line.getMessage()
+    assert "user=alice" in text and "rcpts=1 rcpts_refused=1" in text
+    assert f"size={len(body)}" in text and "upstream_reply=250 2.0.0" in text and "outcome=sent" in text
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "secret" not in everything and ok not in everything and smtp_gate.password not in everything
+
+    live = LiveState({}, {}, {}, False, 0, 0.0)
+    rendered = metrics.render(live)
+    assert 'mailgate_smtp_messages_total{outcome="sent"} 1' in rendered
+    assert f"mailgate_smtp_message_bytes_total {len(body)}" in rendered
+    assert 'mailgate_smtp_upstream_replies_total{class="2xx"} 1' in rendered
+    assert 'mailgate_sessions{protocol="smtp"}' in rendered
+
+    # An explained provider answer shows on the status page with its advice.
+    assert smtp_gate.server.ctx.smtp is not None
+    smtp_gate.server.ctx.smtp.note_problem("alice", "535 5.7.139 disabled", "smtp_auth_disabled", "enable it")
+    snap = await snapshot(smtp_gate.server, smtp_gate.config.listeners, AccountActivity())
+    [alice] = snap["accounts"]
+    assert alice["sending_problem"]["key"] == "smtp_auth_disabled"
+    assert "sending: smtp_auth_disabled" in status_fragment(snap)

@@ -108,8 +108,18 @@ async def accounts_snapshot(server: "GatewayServer", activity: AccountActivity) 
             "token_valid_until": _token_valid_until(manager, name),
             "last_refresh": activity.last_refresh.get(name),
             "last_error": activity.last_error.get(name),
+            "sending_problem": _sending_problem(server, name),
         })
     return accounts
+
+
+def _sending_problem(server: "GatewayServer", name: str) -> dict[str, Any] | None:
+    """The last explained answer of the provider's SMTP server for ``name`` (with advice)."""
+    problem = server.ctx.smtp.problems.get(name) if server.ctx.smtp is not None else None
+    if problem is None:
+        return None
+    return {"key": problem.key, "reply": problem.reply, "advice": problem.advice,
+            "time": round(problem.when, 3)}
 
 
 def _read_store(store: "CredentialStore", names: list[str]) -> dict[str, dict[str, Any]]:

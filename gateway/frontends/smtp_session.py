@@ -578,7 +578,6 @@ class SmtpSession:
         await self.send(UPSTREAM_LOST)
 
     def _count_reply(self, reply: Reply) -> None:
-        self.connector.stats.replies[f"{reply.code // 100}xx"] += 1
         explained = explain(reply)
         if explained is not None and self.account is not None:
             self._problem(self.account.name, str(reply), explained.key, explained.advice)
@@ -725,16 +724,12 @@ class SmtpSession:
         user = self.account.name if self.account is not None else "-"
         code = f"{reply.code} {reply.enhanced or ''}".strip() if reply is not None else "-"
         txn = self.txn
-        stats = self.connector.stats
         if outcome == "sent":
             self.messages += 1
-            stats.messages += 1
-            stats.bytes += txn.size
-        else:
-            stats.refused += 1
         fields = {"user": user, "peer": self.stream.peer, "rcpts": txn.accepted,
-                  "rcpts_refused": txn.refused, "size": txn.size, "reply": code, "outcome": outcome,
-                  "relay": not self.authenticated}
+                  "rcpts_refused": txn.refused, "size": txn.size, "reply": code,
+                  "reply_class": f"{reply.code // 100}xx" if reply is not None else "none",
+                  "outcome": outcome, "relay": not self.authenticated}
         log.info("smtp message: user=%s peer=%s rcpts=%d rcpts_refused=%d size=%d upstream_reply=%s "
                  "outcome=%s", user, self.stream.peer, txn.accepted, txn.refused, txn.size, code, outcome,
                  extra={"fields": fields})

@@ -19,15 +19,15 @@ by the SMTP front end through the context; it implements :class:`gateway.ports.S
   within the last hour (a sliding window of timestamps) against
   ``limits.smtp_messages_per_user_per_hour``.
 * **What went wrong.** :meth:`SmtpConnector.note_problem` keeps each account's last
-  explained provider answer (:mod:`gateway.upstream.smtp_answers`) for the status page, and
-  :attr:`SmtpConnector.stats` the counters of ``/metrics``.
+  explained provider answer (:mod:`gateway.upstream.smtp_answers`) for the status page
+  (``/metrics`` counts the front end's ``smtp.message`` events).
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -37,7 +37,7 @@ from ..ports import TokenSource
 from .slots import UpstreamSlots
 from .smtp import Publish, UpstreamSMTP, connect_smtp, open_smtp
 
-__all__ = ["EXTENSIONS_TTL", "SmtpConnector", "SmtpProblem", "SmtpStats"]
+__all__ = ["EXTENSIONS_TTL", "SmtpConnector", "SmtpProblem"]
 
 #: How long a provider's EHLO extensions are trusted before they are probed again.
 EXTENSIONS_TTL = 3600.0
@@ -57,16 +57,6 @@ class SmtpProblem:
     advice: str
 
 
-@dataclass
-class SmtpStats:
-    """Counters for ``/metrics``."""
-
-    messages: int = 0  # messages the upstream accepted
-    bytes: int = 0  # octets of those messages
-    refused: int = 0  # messages not handed on (refused by mailgate or the upstream)
-    replies: collections.Counter[str] = field(default_factory=collections.Counter)  # "2xx".. per class
-
-
 class SmtpConnector:
     def __init__(self, config: Config, *, publish: Publish | None = None) -> None:
         self._limits: Limits = config.limits
@@ -75,7 +65,6 @@ class SmtpConnector:
         self._extensions: dict[str, tuple[float, dict[str, str]]] = {}
         self._sent: dict[str, collections.deque[float]] = {}
         self.problems: dict[str, SmtpProblem] = {}
-        self.stats = SmtpStats()
 
     def slots(self, account: str) -> UpstreamSlots:
         slots = self._slots.get(account)
