@@ -174,10 +174,7 @@ class SmtpSession:
             return
         try:
             await self.send(smtp.reply(220, f"{hostname} ESMTP mailgate ready"))
-            while True:
-                line = await self.next_line()
-                if line is None:
-                    return
+            while (line := await self.next_line()) is not None:
                 await self.dispatch(line)
         except _Close:
             pass

@@ -237,16 +237,11 @@ class UpstreamSMTP:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connection (after QUIT, or to abort: no TLS goodbye is waited for) and
+        give the slot back."""
         self._broken = self._broken or "closed"
         try:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await self._stream.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
-                    pass
-            if scope.cancelled_caught:
-                await trio.aclose_forcefully(self._stream)
+            await trio.aclose_forcefully(self._stream)
         finally:
             if self.slot is not None:
                 self.slot.release()

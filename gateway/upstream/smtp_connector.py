@@ -34,7 +34,7 @@ import trio
 from ..config import Config, Limits, ProviderConfig
 from ..errors import MailgateError
 from ..ports import TokenSource
-from .slots import UpstreamSlots
+from .slots import UpstreamSlots, kept_slots
 from .smtp import Publish, UpstreamSMTP, connect_smtp, open_smtp
 
 __all__ = ["EXTENSIONS_TTL", "SmtpConnector", "SmtpProblem"]
@@ -119,10 +119,7 @@ class SmtpConnector:
 
     def update_config(self, config: Config) -> None:
         limits = config.limits
-        kept: dict[str, UpstreamSlots] = {}
-        for name, slots in self._slots.items():
-            if name in config.users and slots.capacity == limits.smtp_upstream_connections_per_account:
-                slots.wait = limits.upstream_slot_wait
-                kept[name] = slots
-        self._slots, self._limits = kept, limits
+        self._slots = kept_slots(self._slots, config.users, limits.smtp_upstream_connections_per_account,
+                                 limits.upstream_slot_wait)
+        self._limits = limits
         self.problems = {k: v for k, v in self.problems.items() if k in config.users}
