@@ -327,7 +327,10 @@ class SmtpSession:
         except Exception as exc:  # TLSHandshakeFailed and friends: the client is gone
             log.info("smtp %s: STARTTLS handshake failed: %s", self.stream.peer, exc)
             raise _Close from None
+        # RFC 3207 §4.2: everything learnt before TLS is forgotten, an AUTH included.
         self.state.tls_started()
+        self.account, self.authenticated = None, False
+        self.stream.user = None
 
     async def cmd_noop(self, command: Command) -> None:
         await self.send(OK)
@@ -544,7 +547,9 @@ class SmtpSession:
     async def _relay_command(self, line: str) -> Reply | None:
         """Send one transaction command upstream and the reply to the client; ``None`` when the
         upstream failed (the client got ``451``, the transaction is over)."""
-        assert self.upstream is not None
+        if self.upstream is None:
+            await self._lost_upstream()
+            return None
         try:
             reply = await self.upstream.command(line)
         except MailgateError as exc:
@@ -553,7 +558,6 @@ class SmtpSession:
             return None
         self._count_reply(reply)
         if reply.code == 421:
-            self.state.transaction_done()
             await self._relay_reply(reply)
             return None
         await self.send(reply.wire())
@@ -567,6 +571,7 @@ class SmtpSession:
             await self.send(reply.wire())
             return
         await self._close_upstream(polite=False)
+        self.state.transaction_done()
         await self.send(_r(451, reply.enhanced or "4.3.0", f"The mail provider closed the connection: {reply.text}"))
 
     async def _lost_upstream(self) -> None:
@@ -607,7 +612,9 @@ class SmtpSession:
         await self._finish(scanner.refusal, upstream_failed)
 
     async def _upstream_data_start(self) -> Reply | None:
-        assert self.upstream is not None
+        if self.upstream is None:
+            await self._lost_upstream()
+            return None
         try:
             reply = await self.upstream.command("DATA")
         except MailgateError as exc:

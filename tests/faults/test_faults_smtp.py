@@ -215,3 +215,15 @@ async def test_identity_provider_down_is_temporary(nursery: trio.Nursery, tmp_pa
     await trio.sleep(1.5)  # the token cache's back-off after an IdP failure (1 s at first)
     assert (await wire.command(f"MAIL FROM:<{gate.upstream_user}>"))[0] == 250  # retried: fine
     await wire.aclose()
+
+
+async def test_upstream_421_at_data_ends_the_transaction(rig: SmtpRig) -> None:
+    rig.proxy.arm("up", "reply", rb"^DATA", reply=b"421 4.4.2 Closing transmission channel\r\n", close=True)
+    rcpt = new_rcpt()
+    wire = await rig.gate.login()
+    codes = await transaction(wire, rig.gate.upstream_user, rcpt, MESSAGE)
+    assert codes == [250, 250, 451]
+    assert (await wire.command("DATA"))[0] == 503  # no transaction any more; the session lives
+    assert await transaction(wire, rig.gate.upstream_user, rcpt, MESSAGE) == [250, 250, 354, 250]
+    await wire.aclose()
+    assert len(await rig.gate.received(rcpt)) == 1

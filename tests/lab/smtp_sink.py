@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -120,6 +121,8 @@ class LabSmtpSink:
             raise
         # aiosmtpd's line limit is a class attribute of its SMTP protocol.
         SMTP.line_length_limit = LINE_LIMIT
+        # At debug level aiosmtpd logs every line of every message: never wanted here.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
         self._controller = controller
         return self
 
