@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``load_config(path)`` reads the file with :mod:`tomllib`, merges every ``[providers.X]`` table
-over its built-in preset (``gateway.oauth.providers.PRESETS``, chosen by ``preset = "..."`` or by
+over its built-in preset (``gateway.presets.PRESETS``, chosen by ``preset = "..."`` or by
 the table's own name), validates the result with pydantic and then runs the cross-checks pydantic
 cannot express (a user naming an unknown provider, two listeners on one address, ...).
 
@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from .errors import ConfigError
-from .oauth.providers import PRESETS
+from .presets import PRESETS
 
 DEFAULT_CONFIG_NAME = "mailgate.toml"
 

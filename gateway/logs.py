@@ -65,12 +65,33 @@ def register_secret(value: str | bytes | None) -> None:
 
 
 def redact(text: str) -> str:
+    """``text`` with every registered secret and every credential-shaped value masked. Both are
+    found in the original text and masked together, so that neither can hide the other (a
+    registered secret that is also part of a key name, say ``secret`` in ``client_secret=``)."""
+    spans: list[tuple[int, int]] = []
     for secret in list(_registered):
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+        start = text.find(secret)
+        while start != -1:
+            spans.append((start, start + len(secret)))
+            start = text.find(secret, start + 1)
     for pattern in _PATTERNS:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
-    return text
+        spans.extend((m.end(1), m.end()) for m in pattern.finditer(text))
+    if not spans:
+        return text
+    spans.sort()
+    parts: list[str] = []
+    done = 0  # text[:done] is written (or masked)
+    for start, end in spans:
+        if end <= done:
+            continue
+        if start > done:
+            parts.append(text[done:start])
+            parts.append(REDACTED)
+        elif not parts or parts[-1] != REDACTED:
+            parts.append(REDACTED)  # starts inside the previous span: one mask for both
+        done = end
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 class RedactingFilter(logging.Filter):

@@ -47,3 +47,11 @@ def test_registered_secrets_are_masked_anywhere_including_tracebacks() -> None:
     entry = json.loads(text.splitlines()[0])
     assert entry["message"] == "refresh with [redacted] failed"
     assert "ValueError: token [redacted] was refused" in entry["exception"]
+
+
+def test_a_registered_secret_inside_a_key_name_does_not_unmask_the_value() -> None:
+    register_secret("ient_sec")  # part of "client_secret": masked first, it used to hide the key
+    out = redact("client_secret=GOCSPX-xyz&code=4/0Ab")
+    assert "GOCSPX-xyz" not in out and "4/0Ab" not in out and "ient_sec" not in out
+    register_secret("pw-with code=inside")  # a secret the patterns would cut in two
+    assert redact("got pw-with code=inside now") == "got [redacted] now"

@@ -21,7 +21,7 @@ from gateway.oauth.grants import scopes_for
 from gateway.oauth.jwt import ServiceAccountKey, service_account_assertion
 from gateway.oauth.passwords import CredentialCache, check_password_policy
 from gateway.oauth.pkce import make_state, make_verifier, s256_challenge
-from gateway.oauth.providers import MICROSOFT_APP_ONLY_SCOPE, PRESETS
+from gateway.presets import MICROSOFT_APP_ONLY_SCOPE, PRESETS
 
 
 def test_pkce_matches_rfc7636_appendix_b() -> None:

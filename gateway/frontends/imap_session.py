@@ -14,8 +14,8 @@ pre-login phase must end within ``limits.login_timeout``; more than
 ``limits.max_bad_commands_prelogin`` bad commands, or as many failed logins, end the connection.
 
 A login checks the local password (``ctx.accounts.login``: unknown user and wrong password give
-the same answer after the same delay) and opens the upstream session
-(``ctx.connector.open``, a :class:`gateway.ports.UpstreamConnector`). The errors map to the client's answer:
+the same answer after the same delay) and opens the upstream session (``ctx.connector.open``, a
+:class:`gateway.ports.UpstreamConnector`). The errors map to the client's answer:
 
 ==========================  ===============================================================
 ``AuthenticationFailed``    ``NO [AUTHENTICATIONFAILED]``

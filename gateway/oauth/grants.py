@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .endpoint import TokenResponse, post_form, request_token
 from .jwt import JWT_BEARER_GRANT, ServiceAccountKey, service_account_assertion
-from .providers import MICROSOFT_APP_ONLY_SCOPE
+from ..presets import MICROSOFT_APP_ONLY_SCOPE
 
 if TYPE_CHECKING:
     from ..config import ProviderConfig

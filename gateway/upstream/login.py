@@ -150,7 +150,9 @@ async def open_upstream(
     return client
 
 
-async def _open(account: TokenSource, limits: Limits, slots: UpstreamSlots | None) -> UpstreamIMAP:
+async def _open(
+    account: TokenSource, limits: Limits, slots: UpstreamSlots | None
+) -> UpstreamIMAP:
     provider = account.provider
     slot = await slots.acquire() if slots is not None else None
     try:
