@@ -11,7 +11,7 @@ import trio
 
 from gateway.config import Config
 from gateway.oauth.commands import account_status
-from gateway.oauth.providers import MICROSOFT_SMTP_SCOPE
+from gateway.presets import MICROSOFT_SMTP_SCOPE
 from gateway.oauth.send_scope import GRANTED_SCOPE, send_scope_problem
 from gateway.oauth.store import REFRESH_TOKEN, open_store
 from tests.helpers_gateway import make_config

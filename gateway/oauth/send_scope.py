@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .providers import MICROSOFT_SMTP_SCOPE
+from ..presets import MICROSOFT_SMTP_SCOPE
 
 if TYPE_CHECKING:
     from ..config import ProviderConfig
