@@ -151,3 +151,26 @@ def test_smtp_refused_carries_the_reply() -> None:
     reply = Reply(535, ("5.7.139 disabled",))
     err = SmtpRefused("refused", reply, explain(reply))
     assert err.reply is reply and err.explanation is not None
+
+
+async def test_a_failed_probe_is_not_repeated_at_every_ehlo(tmp_path: Path, lab: LabDovecot,
+                                                             oauth_server: LabOAuthServer, lab_user: str) -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts, never answers: each probe would wait its whole timeout
+    port = listener.getsockname()[1]
+    config = config_for(tmp_path, smtp_provider(lab, oauth_server, smtp=f"127.0.0.1:{port}"), lab_user)
+    config = config.model_copy(update={"limits": config.limits.model_copy(update={"upstream_connect_timeout": 0.5})})
+    connector = SmtpConnector(config)
+    results: list[object] = []
+
+    async def ehlo() -> None:
+        results.append(await connector.extensions(config.providers["lab"]))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ehlo)
+    assert results == [None] * 5
+    assert trio.current_time() - start < 2.0  # one probe (0.5 s), not five in a row
+    listener.close()

@@ -13,8 +13,10 @@ by the SMTP front end through the context; it implements :class:`gateway.ports.S
 * **What the provider offers.** A client's EHLO comes before its AUTH, so before mailgate knows
   the account. :meth:`SmtpConnector.extensions` returns the EHLO extensions last seen from a
   provider's server (from any logged-in connection, or from one unauthenticated probe:
-  connect, EHLO, QUIT), cached for :data:`EXTENSIONS_TTL` seconds; ``None`` if the server
-  cannot be reached (the front end then offers only what needs nothing from the upstream).
+  connect, EHLO, QUIT), cached for :data:`EXTENSIONS_TTL` seconds; one probe at a time per
+  server; ``None`` if the server cannot be reached (the front end then offers only what needs
+  nothing from the upstream), and no new probe for :data:`PROBE_RETRY` seconds after a failed
+  one (a provider outage must not make every EHLO wait).
 * **Sending rate.** :meth:`SmtpConnector.try_send` counts the messages each account handed on
   within the last hour (a sliding window of timestamps) against
   ``limits.smtp_messages_per_user_per_hour``.
@@ -45,6 +47,8 @@ EXTENSIONS_TTL = 3600.0
 RATE_WINDOW = 3600.0
 #: How long a probe of a provider's extensions may take (the client is waiting for EHLO).
 PROBE_TIMEOUT = 10.0
+#: After a failed probe, EHLOs answer without the provider's extensions for this long.
+PROBE_RETRY = 60.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class SmtpConnector:
         self._publish = publish
         self._slots: dict[str, UpstreamSlots] = {}
         self._extensions: dict[str, tuple[float, dict[str, str]]] = {}
+        self._probing: dict[str, trio.Lock] = {}
+        self._probe_failed: dict[str, float] = {}  # server -> when its last probe failed
         self._sent: dict[str, collections.deque[float]] = {}
         self.problems: dict[str, SmtpProblem] = {}
 
@@ -85,23 +91,31 @@ class SmtpConnector:
     async def extensions(self, provider: ProviderConfig) -> dict[str, str] | None:
         if provider.smtp is None:
             return None
-        cached = self._extensions.get(provider.smtp)
-        if cached is not None and time.monotonic() - cached[0] < EXTENSIONS_TTL:
-            return cached[1]
-        try:
-            with trio.fail_after(PROBE_TIMEOUT):
-                client = await connect_smtp(
-                    provider.smtp_host, provider.smtp_port, tls=provider.smtp_tls,
-                    ca_file=provider.ca_file, connect_timeout=self._limits.upstream_connect_timeout,
-                    command_timeout=self._limits.upstream_command_timeout,
-                    data_timeout=self._limits.smtp_data_timeout,
-                )
-                await client.quit(self._limits.logout_timeout)
-        except (MailgateError, trio.TooSlowError):
-            return cached[1] if cached is not None else None
-        extensions = dict(client.extensions)
-        self._extensions[provider.smtp] = (time.monotonic(), extensions)
-        return extensions
+        lock = self._probing.setdefault(provider.smtp, trio.Lock())
+        async with lock:  # one probe at a time per server: concurrent EHLOs wait for it
+            now = time.monotonic()
+            cached = self._extensions.get(provider.smtp)
+            if cached is not None and now - cached[0] < EXTENSIONS_TTL:
+                return cached[1]
+            failed = self._probe_failed.get(provider.smtp)
+            if failed is not None and now - failed < PROBE_RETRY:
+                return cached[1] if cached is not None else None
+            try:
+                with trio.fail_after(PROBE_TIMEOUT):
+                    client = await connect_smtp(
+                        provider.smtp_host, provider.smtp_port, tls=provider.smtp_tls,
+                        ca_file=provider.ca_file,
+                        connect_timeout=self._limits.upstream_connect_timeout,
+                        command_timeout=self._limits.upstream_command_timeout,
+                        data_timeout=self._limits.smtp_data_timeout,
+                    )
+                    await client.quit(self._limits.logout_timeout)
+            except (MailgateError, trio.TooSlowError):
+                self._probe_failed[provider.smtp] = time.monotonic()
+                return cached[1] if cached is not None else None
+            extensions = dict(client.extensions)
+            self._extensions[provider.smtp] = (time.monotonic(), extensions)
+            return extensions
 
     def try_send(self, account: str) -> bool:
         """Count one message against the account's hourly limit; False when it is used up."""
