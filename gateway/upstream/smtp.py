@@ -38,6 +38,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -247,7 +248,7 @@ class UpstreamSMTP:
                 self.slot.release()
 
 
-async def connect_smtp(host: str, port: int, *, tls: str, ca_file: Any, connect_timeout: float,
+async def connect_smtp(host: str, port: int, *, tls: str, ca_file: Path | None, connect_timeout: float,
                        command_timeout: float, data_timeout: float) -> UpstreamSMTP:
     """Connect, verify TLS, read the greeting and EHLO (see the module docstring, step 2)."""
     where = f"{host}:{port}"
