@@ -37,9 +37,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,6 +46,7 @@ from ..errors import MailgateError, ReauthorizationRequired, UpstreamError
 from ..protocol import sasl
 from ..protocol.smtp import Reply, ReplyError, ReplyParser
 from .client import make_tls_context
+from .login import Publish
 from .slots import Slot, UpstreamSlots
 from .smtp_answers import Explanation, Meaning, explain
 
@@ -61,9 +61,6 @@ __all__ = ["SmtpRefused", "SmtpTemporary", "UpstreamSMTP", "connect_smtp", "open
 RECEIVE_SIZE = 65536
 #: The name mailgate gives in its EHLO to the provider.
 EHLO_NAME = "mailgate"
-
-Publish = Callable[[dict[str, Any]], Any]
-
 
 class SmtpTemporary(UpstreamError):
     """The provider answered with a temporary failure (4xx); ``reply``/``explanation`` say which."""
