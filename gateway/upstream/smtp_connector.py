@@ -37,7 +37,8 @@ from ..config import Config, Limits, ProviderConfig
 from ..errors import MailgateError
 from ..ports import TokenSource
 from .slots import UpstreamSlots, kept_slots
-from .smtp import Publish, UpstreamSMTP, connect_smtp, open_smtp
+from .login import Publish
+from .smtp import UpstreamSMTP, connect_smtp, open_smtp
 
 __all__ = ["EXTENSIONS_TTL", "SmtpConnector", "SmtpProblem"]
 
