@@ -59,6 +59,9 @@ from bench.peer_figures import PEER_TWINS, peer_users, warm_up_peers, with_peers
 from bench.peers import ACCESS_TOKEN_LIFETIME, Peers, start_peers
 from bench.profiler import Profiler, format_hotspots, py_spy_path
 from bench.stats import Figure, Measurement, format_table, to_json
+from bench import smtp_bench
+
+smtp_bench.register(FIGURES, MAILBOXES_FOR)  # type: ignore[arg-type]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "bench" / "results" / "latest.json"
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         unavailable = missing_frontends(python, ROOT)
         for protocol, why in unavailable.items():
             progress(f"mailgate {protocol}: n/a ({why})")
-        ports = {p: free_port() for p in ("imap", "pop3") if p not in unavailable}
+        ports = {p: free_port() for p in ("imap", "pop3", "smtp") if p not in unavailable}
         gateway: GatewayProcess | None = None
         if ports:
             config = write_config(workdir, info, users, ports)

@@ -163,6 +163,8 @@ def gateway_users(groups: set[str]) -> list[GatewayUser]:
             users.append(GatewayUser(f"mg-{key}", secrets.token_urlsafe(12), upstream_name(key)))
     if "pop" in groups:
         users.append(GatewayUser("mg-pop", secrets.token_urlsafe(12), upstream_name("pop-gw")))
+    if "smtp" in groups:  # figure 12 (bench/smtp_bench.py)
+        users.append(GatewayUser("mg-smtp", secrets.token_urlsafe(12), upstream_name("smtp")))
     return users
 
 

@@ -52,10 +52,13 @@ BENCH_LIMITS = {
     "max_connections_per_ip": 5000,
     "upstream_connections_per_account": 1000,
     "shutdown_grace": 2,  # the benchmark closes every session before it stops mailgate
+    "smtp_upstream_connections_per_account": 1000,
+    "smtp_messages_per_user_per_hour": 1000000,
 }
 FRONTEND_MODULES = {
     "imap": "gateway.frontends.imap_session",
     "pop3": "gateway.frontends.pop3_session",
+    "smtp": "gateway.frontends.smtp_session",
 }
 
 
@@ -97,7 +100,7 @@ def _toml_string(value: str) -> str:
 
 def write_config(directory: Path, lab: LabInfo, users: Iterable[GatewayUser],
                  ports: dict[str, int]) -> Path:
-    """Write ``directory/mailgate.toml``; ``ports`` maps ``"imap"``/``"pop3"`` to the port of
+    """Write ``directory/mailgate.toml``; ``ports`` maps ``"imap"``/``"pop3"``/``"smtp"`` to the port of
     an implicit-TLS listener (a protocol left out gets no listener)."""
     lines = [
         "[server]",
@@ -120,6 +123,8 @@ def write_config(directory: Path, lab: LabInfo, users: Iterable[GatewayUser],
         'imap_tls = "implicit"',
         f"ca_file = {_toml_string(str(lab.ca_file))}",
         'sasl = "xoauth2"',
+        *([f'smtp = "{lab.host}:{lab.ports["submissions"]}"', 'smtp_tls = "implicit"']
+          if "submissions" in lab.ports else []),
         'flow = "authorization_code"',
         f"authorize_url = {_toml_string(lab.authorize_url)}",
         f"token_url = {_toml_string(lab.token_url)}",

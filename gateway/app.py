@@ -44,6 +44,7 @@ from .oauth.accounts import AccountManager
 from .oauth.store import open_store
 from .server import GatewayServer, make_server_ssl_context
 from .upstream.connector import UpstreamConnector
+from .upstream.smtp_connector import SmtpConnector
 
 log = logging.getLogger("mailgate")
 
@@ -63,6 +64,7 @@ def build_context(config: Config) -> GatewayContext:
         connector=UpstreamConnector(config, publish=events.publish),
         store=store,
         notifier=notifier,
+        smtp=SmtpConnector(config, publish=events.publish),
     )
 
 
@@ -111,6 +113,8 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
     ctx.connector.update_config(config)
     if ctx.notifier is not None:
         ctx.notifier.update_config(config)
+    if ctx.smtp is not None:
+        ctx.smtp.update_config(config)
     if any(lst.tls != "none" for lst in config.listeners) and server.ssl_context is not None:
         try:
             server.ssl_context = make_server_ssl_context(config)

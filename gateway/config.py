@@ -103,14 +103,18 @@ class LoggingSection(_Section):
     format: Literal["text", "json"] = "text"
 
 
-class ListenerConfig(_Bound):
-    protocol: Literal["imap", "pop3"]
-    tls: Literal["implicit", "starttls", "none"]
-    plaintext_auth_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=list
-    )
+Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
-    @field_validator("plaintext_auth_from", mode="before")
+
+class ListenerConfig(_Bound):
+    protocol: Literal["imap", "pop3", "smtp"]
+    tls: Literal["implicit", "starttls", "none"]
+    plaintext_auth_from: Networks = Field(default_factory=list)
+    # SMTP only (docs/smtp.md): devices on these networks may send without AUTH, as relay_user.
+    relay_from: Networks = Field(default_factory=list)
+    relay_user: str | None = None
+
+    @field_validator("plaintext_auth_from", "relay_from", mode="before")
     @classmethod
     def _networks(cls, v: Any) -> Any:
         if isinstance(v, list):
@@ -128,6 +132,15 @@ class ListenerConfig(_Bound):
     @property
     def name(self) -> str:
         return f"{self.protocol}/{self.tls}@{self.bind}"
+
+    @model_validator(mode="after")
+    def _relay_pair(self) -> "ListenerConfig":
+        if (self.relay_from or self.relay_user) and self.protocol != "smtp":
+            raise ValueError("relay_from and relay_user are only for protocol = \"smtp\"")
+        if bool(self.relay_from) != bool(self.relay_user):
+            raise ValueError("relay_from and relay_user go together (the networks, and the user "
+                             "their mail is sent as)")
+        return self
 
 
 class AdminSection(_Bound):
@@ -182,7 +195,7 @@ class NetworkSection(_Section):
 
     https_proxy: ProxyURL = None  # identity-provider requests go through this HTTP proxy
     trust_env: bool = False  # honour HTTPS_PROXY / NO_PROXY from the environment
-    upstream_proxy: ProxyURL = None  # HTTP CONNECT proxy for upstream IMAP connections
+    upstream_proxy: ProxyURL = None  # HTTP CONNECT proxy for upstream IMAP and SMTP connections
 
 
 class NotifySection(_Section):
@@ -212,6 +225,9 @@ class ProviderConfig(_Section):
     kind: str = "generic"
     imap: HostPort
     imap_tls: Literal["implicit", "starttls"] = "implicit"
+    # The provider's SMTP submission server (docs/smtp.md); none: no sending through it.
+    smtp: HostPort | None = None
+    smtp_tls: Literal["implicit", "starttls"] = "implicit"
     ca_file: Path | None = None
     sasl: Literal["xoauth2", "oauthbearer"] = "xoauth2"
     flow: Flow = "authorization_code"
@@ -242,6 +258,14 @@ class ProviderConfig(_Section):
     def imap_port(self) -> int:
         return parse_hostport(self.imap)[1]
 
+    @property
+    def smtp_host(self) -> str:
+        return parse_hostport(self.smtp or "", what="smtp")[0]
+
+    @property
+    def smtp_port(self) -> int:
+        return parse_hostport(self.smtp or "", what="smtp")[1]
+
     @model_validator(mode="after")
     def _flow_needs(self) -> "ProviderConfig":
         problems = []
@@ -266,6 +290,8 @@ class UserConfig(_Section):
     upstream_user: str
     pop3_mailbox: str = "INBOX"
     pop3_delete: Literal["expunge", "trash", "keep"] = "expunge"
+    # SMTP: envelope senders allowed besides upstream_user (aliases the mailbox may send as).
+    send_as: list[str] = Field(default_factory=list)
 
 
 class Limits(_Section):
@@ -308,6 +334,14 @@ class Limits(_Section):
     notify_webhook_timeout: float = Field(10, gt=0)  # one webhook POST
     notify_webhook_attempts: int = Field(5, ge=1)  # POSTs per notification before giving up
     notify_webhook_backoff: float = Field(2, ge=0)  # first retry delay; doubles each time
+    # SMTP submission (docs/smtp.md).
+    smtp_max_message_size: int = Field(52_428_800, ge=1024)  # the upstream's SIZE if smaller
+    smtp_max_recipients: int = Field(100, ge=1)  # per message
+    smtp_messages_per_session: int = Field(100, ge=1)
+    smtp_messages_per_user_per_hour: int = Field(300, ge=1)
+    smtp_upstream_connections_per_account: int = Field(3, ge=1)  # apart from IMAP's
+    smtp_command_timeout: float = Field(300, gt=0)  # RFC 5321 §4.5.3.2.7: at least 5 minutes
+    smtp_data_timeout: float = Field(600, gt=0)  # a DATA/BDAT block, and the upstream's answer to it
 
 
 class Config(_Section):
@@ -468,6 +502,8 @@ def _cross_check(cfg: Config) -> list[str]:
         seen[key] = i
         if lst.tls == "none" and not lst.plaintext_auth_from:
             pass  # allowed: such a listener only lets in clients that cannot log in; warned at start
+        if lst.relay_user is not None and lst.relay_user not in cfg.users:
+            problems.append(f"listener[{i}].relay_user: {lst.relay_user!r} is not a [users.X] name")
     if cfg.admin.enabled and cfg.admin.port != 0 and (cfg.admin.host, cfg.admin.port) in seen:
         problems.append(f"admin.bind: {cfg.admin.bind} is also a listener's address")
     return problems

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .events import EventBus
-from .ports import Accounts, CredentialStore, UpstreamConnector
+from .ports import Accounts, CredentialStore, SmtpConnector, UpstreamConnector
 
 if TYPE_CHECKING:
     from .notify.notifier import Notifier
@@ -29,3 +29,5 @@ class GatewayContext:
     store: CredentialStore
     # Observes ``events``; run by ``gateway.app.serve`` (None: no notifications, e.g. in tests).
     notifier: Notifier | None = None
+    # Sending (SMTP submission); None in contexts built without it (SMTP listeners then refuse).
+    smtp: SmtpConnector | None = None

@@ -23,10 +23,16 @@ session.authenticated    protocol, peer, user                                   
 login.failed             protocol, peer, user (as typed), reason: bad_credentials |      front end
                          reauthorization_required | temporary | plaintext_refused
 session.closed           protocol, peer, user, bytes_in, bytes_out, duration, outcome    server
-upstream.connected       user, upstream (host:port), latency_ms                          upstream
+upstream.connected       user, upstream (host:port), latency_ms; protocol: smtp for the  upstream
+                         SMTP connections (IMAP's have none)
 upstream.error           user, upstream (host:port), reason, detail (the message), and   upstream
                          feature (imap | smtp) when the provider refuses a whole feature
-                         for the mailbox (:func:`upstream_error_event` builds it)
+                         for the mailbox (:func:`upstream_error_event` builds it);
+                         protocol as above
+smtp.message             user, peer, rcpts, rcpts_refused, size, reply, reply_class,     front end
+                         outcome: sent | refused_upstream | refused_size |
+                         refused_bare_lf | upstream_failed | aborted; relay (no AUTH)
+smtp.refused             peer, user, reason: auth_required | sender_not_owned            front end
 token.refreshed          user, provider, valid_until (wall clock)                        oauth
 token.failed             user, provider, reason: reauthorization_required | temporary,   oauth
                          detail (the OAuth error code or the message)

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .config import Config, ProviderConfig, UserConfig
     from .oauth.store import AccountRecord, AccountStatus, SealedSecret
     from .upstream.client import UpstreamIMAP
+    from .upstream.smtp import UpstreamSMTP
+    from .upstream.smtp_connector import SmtpProblem
 
 T = TypeVar("T")
 
@@ -39,6 +41,7 @@ __all__ = [
     "CredentialStore",
     "KdfRunner",
     "LocalAccount",
+    "SmtpConnector",
     "TokenSource",
     "UpstreamConnector",
 ]
@@ -105,6 +108,13 @@ class Accounts(Protocol):
         """The running account of a configured user, if one was used since the start."""
         ...
 
+    def account(self, name: str) -> LocalAccount:
+        """The account of a configured user *without* a password check (SMTP relay mode;
+        ``KeyError`` if there is none). Its tokens are available only where no local password
+        seals them (a provider ``key_file``, app-only flows) or after its user logged in since
+        the start; otherwise ``access_token`` raises ``AuthenticationFailed``."""
+        ...
+
     def update_config(self, config: Config) -> None:
         """SIGHUP: new sessions see the new users and providers."""
         ...
@@ -128,6 +138,34 @@ class UpstreamConnector(Protocol):
     def update_config(self, config: Config) -> None:
         """SIGHUP: new limits; running sessions keep the slots they hold."""
         ...
+
+
+class SmtpConnector(Protocol):
+    """Opens logged-in upstream SMTP connections (sending) and keeps per-account sending state:
+    the SMTP connection cap (apart from IMAP's), the hourly message count, the last explained
+    provider answer. Same release rule as :class:`UpstreamConnector`: close what :meth:`open`
+    returned, on every path."""
+
+    @property
+    def problems(self) -> dict[str, SmtpProblem]: ...
+
+    async def open(self, account: TokenSource) -> UpstreamSMTP:
+        """Connect and AUTH with the account's token (one refresh-and-retry). Raises
+        ``ReauthorizationRequired``, ``TemporaryFailure`` (``SmtpTemporary``), ``SmtpRefused``
+        or ``AuthenticationFailed``."""
+        ...
+
+    async def extensions(self, provider: ProviderConfig) -> dict[str, str] | None:
+        """The EHLO extensions of the provider's SMTP server (cached), ``None`` if unknown."""
+        ...
+
+    def try_send(self, account: str) -> bool:
+        """Count a message against ``limits.smtp_messages_per_user_per_hour``."""
+        ...
+
+    def note_problem(self, account: str, reply: str, key: str, advice: str) -> None: ...
+
+    def update_config(self, config: Config) -> None: ...
 
 
 class CredentialStore(Protocol):

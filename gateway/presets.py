@@ -23,6 +23,8 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 MICROSOFT_LOGIN = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
 MICROSOFT_IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
 MICROSOFT_POP_SCOPE = "https://outlook.office.com/POP.AccessAsUser.All"
+# SMTP AUTH with OAuth (docs/smtp.md); a grant made without it cannot send.
+MICROSOFT_SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
 # App-only (client credentials) access to Exchange Online mailboxes.
 MICROSOFT_APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
 # Google Workspace domain-wide delegation (flow "service_account") may ask for this scope
@@ -58,6 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kind": "gmail",
         "imap": "imap.gmail.com:993",
         "imap_tls": "implicit",
+        "smtp": "smtp.gmail.com:465",
+        "smtp_tls": "implicit",
         "sasl": "xoauth2",
         "flow": "authorization_code",
         "authorize_url": "https://accounts.google.com/o/oauth2/v2/auth",
@@ -70,26 +74,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kind": "microsoft365",
         "imap": "outlook.office365.com:993",
         "imap_tls": "implicit",
+        "smtp": "smtp.office365.com:587",
+        "smtp_tls": "starttls",
         "sasl": "xoauth2",
         "flow": "authorization_code",
         "tenant": "organizations",
         "authorize_url": MICROSOFT_LOGIN + "/authorize",
         "token_url": MICROSOFT_LOGIN + "/token",
         "device_url": MICROSOFT_LOGIN + "/devicecode",
-        "scopes": [MICROSOFT_IMAP_SCOPE, MICROSOFT_POP_SCOPE, "offline_access"],
+        "scopes": [MICROSOFT_IMAP_SCOPE, MICROSOFT_POP_SCOPE, MICROSOFT_SMTP_SCOPE, "offline_access"],
     },
     "outlook": {
         # Consumer accounts (outlook.com, hotmail.com, live.com).
         "kind": "outlook",
         "imap": "outlook.office365.com:993",
         "imap_tls": "implicit",
+        "smtp": "smtp-mail.outlook.com:587",
+        "smtp_tls": "starttls",
         "sasl": "xoauth2",
         "flow": "authorization_code",
         "tenant": "consumers",
         "authorize_url": MICROSOFT_LOGIN + "/authorize",
         "token_url": MICROSOFT_LOGIN + "/token",
         "device_url": MICROSOFT_LOGIN + "/devicecode",
-        "scopes": [MICROSOFT_IMAP_SCOPE, MICROSOFT_POP_SCOPE, "offline_access"],
+        "scopes": [MICROSOFT_IMAP_SCOPE, MICROSOFT_POP_SCOPE, MICROSOFT_SMTP_SCOPE, "offline_access"],
     },
     "microsoft365_gcchigh": _microsoft_cloud(
         US_GOVERNMENT_LOGIN, "outlook.office365.us:993", US_GOVERNMENT_EXCHANGE),

@@ -41,17 +41,19 @@ from .context import GatewayContext
 from .events import EventBus
 from .frontends.imap_session import handle_imap
 from .frontends.pop3_session import handle_pop3
+from .frontends.smtp_session import handle_smtp
 from .net import ClientStream, TLSHandshakeFailed
 
 log = logging.getLogger("mailgate.server")
 
 Handler = Callable[[ClientStream, GatewayContext], Awaitable[None]]
 
-FRONTENDS: dict[str, Handler] = {"imap": handle_imap, "pop3": handle_pop3}
+FRONTENDS: dict[str, Handler] = {"imap": handle_imap, "pop3": handle_pop3, "smtp": handle_smtp}
 
 TOO_MANY = {
     "imap": b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
     "pop3": b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+    "smtp": b"421 4.7.0 Too many connections, try again later\r\n",
 }
 
 
@@ -124,7 +126,7 @@ class GatewayServer:
             raise
         for lst, (host, port) in zip(self.config.listeners, self.addresses):
             log.info("listening on %s:%s (%s, tls=%s)", host, port, lst.protocol, lst.tls)
-            if lst.tls == "none" and not lst.plaintext_auth_from:
+            if lst.tls == "none" and not lst.plaintext_auth_from and not lst.relay_from:
                 log.warning(
                     "listener %s has tls = \"none\" and no plaintext_auth_from: nobody can log in "
                     "on it", lst.bind

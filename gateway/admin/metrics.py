@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOLS = ("imap", "pop3")
+PROTOCOLS = ("imap", "pop3", "smtp")
 # Upstream connect + authenticate latency buckets, seconds (providers answer in 0.1–2 s).
 UPSTREAM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -90,7 +90,12 @@ class Metrics:
         elif kind == "token.failed":
             self._inc("token_refreshes_total", result="failed")
             self._inc("token_failures_total", reason=event.get("reason", "unknown"))
-        elif kind == "upstream.connected":
+        elif kind == "smtp.message":
+            self._inc("smtp_messages_total", outcome=event.get("outcome", "unknown"))
+            self._inc("smtp_upstream_replies_total", **{"class": event.get("reply_class", "none")})
+            if event.get("outcome") == "sent":
+                self._inc("smtp_message_bytes_total", int(event.get("size") or 0))
+        elif kind == "upstream.connected" and event.get("protocol") != "smtp":
             latency_ms = event.get("latency_ms")
             if isinstance(latency_ms, (int, float)):
                 self.upstream_latency.observe(latency_ms / 1000.0)
@@ -134,6 +139,11 @@ class Metrics:
         self._counter(out, "token_failures_total", "Failed token requests, by reason.")
         self._histogram(out)
         self._counter(out, "upstream_errors_total", "Upstream IMAP failures, by reason.")
+        self._counter(out, "smtp_messages_total", "SMTP messages, by outcome (sent: the upstream took it).",
+                      base=[{"outcome": "sent"}])
+        self._counter(out, "smtp_message_bytes_total", "Octets of the SMTP messages sent.", base=[{}])
+        self._counter(out, "smtp_upstream_replies_total",
+                      "The upstream's final reply to each SMTP message, by class (none: no reply).")
         self._counter(out, "config_reloads_total", "Configurations reloaded (SIGHUP).", base=[{}])
         _metric(out, "mailgate_event_subscribers_dropped_total", "counter",
                 "Event-stream consumers dropped for falling behind.",

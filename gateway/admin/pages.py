@@ -149,6 +149,10 @@ def _account_row(a: Mapping[str, Any]) -> list[str]:
         status = f'<span class="bad">needs re-authorization</span> ({_e(a["status_detail"])})'
     else:
         status = '<span class="ok">ok</span>'
+    sending = a.get("sending_problem")
+    if sending:
+        status += (f'<br><span class="bad">sending: {_e(sending["key"])}</span> '
+                   f'({_e(sending["reply"])}) {_e(sending["advice"])}')
     err = a.get("last_error")
     last_error = f"{_e(_when(err.get('time')))}: {_e(err.get('type'))} {_e(err.get('reason'))}" if err else "—"
     action = ""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import __version__
+from ..oauth.send_scope import send_scope_problem
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig
@@ -93,6 +94,7 @@ async def accounts_snapshot(server: "GatewayServer", activity: AccountActivity) 
     config = server.config
     manager = server.ctx.accounts
     stored = await trio.to_thread.run_sync(_read_store, server.ctx.store, list(config.users))
+    grants = await trio.to_thread.run_sync(_send_scope_problems, server)
     accounts = []
     for name, user in sorted(config.users.items()):
         provider = config.providers.get(user.provider)
@@ -108,8 +110,36 @@ async def accounts_snapshot(server: "GatewayServer", activity: AccountActivity) 
             "token_valid_until": _token_valid_until(manager, name),
             "last_refresh": activity.last_refresh.get(name),
             "last_error": activity.last_error.get(name),
+            "sending_problem": _sending_problem(server, name) or grants.get(name),
         })
     return accounts
+
+
+def _send_scope_problems(server: "GatewayServer") -> dict[str, dict[str, Any]]:
+    """Blocking: run in a thread. Accounts whose stored grant cannot send ("re-authorize to
+    send"), when an SMTP listener is configured."""
+    config = server.config
+    if not any(lst.protocol == "smtp" for lst in config.listeners):
+        return {}
+    out = {}
+    for name, user in config.users.items():
+        provider = config.providers.get(user.provider)
+        try:
+            problem = send_scope_problem(server.ctx.store, name, provider) if provider else None
+        except Exception:  # a broken store must not break the status page
+            problem = None
+        if problem:
+            out[name] = {"key": "reauthorize_to_send", "reply": "-", "advice": problem, "time": None}
+    return out
+
+
+def _sending_problem(server: "GatewayServer", name: str) -> dict[str, Any] | None:
+    """The last explained answer of the provider's SMTP server for ``name`` (with advice)."""
+    problem = server.ctx.smtp.problems.get(name) if server.ctx.smtp is not None else None
+    if problem is None:
+        return None
+    return {"key": problem.key, "reply": problem.reply, "advice": problem.advice,
+            "time": round(problem.when, 3)}
 
 
 def _read_store(store: "CredentialStore", names: list[str]) -> dict[str, dict[str, Any]]:

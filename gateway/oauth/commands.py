@@ -32,6 +32,7 @@ from .accounts import REFRESH_FLOWS, STATUS_NEEDS_REAUTHORIZATION
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .passwords import KdfPool, check_password_policy
 from .sealing import SealError
+from .send_scope import send_scope_problem
 from .store import REFRESH_TOKEN, StoreError, open_store
 
 if TYPE_CHECKING:
@@ -276,8 +277,11 @@ def account_status(config: "Config", stdout: TextIO = sys.stdout) -> int:
         stdout.write(f"error: {exc}\n")
         return EXIT_FAILED
     worst = EXIT_OK
+    sending = any(lst.protocol == "smtp" for lst in config.listeners)
     for name, user in sorted(config.users.items()):
         problem = account_problem(store, name, config.provider_for(user))
+        if problem is None and sending:
+            problem = send_scope_problem(store, name, config.provider_for(user))
         if problem:
             worst = EXIT_FAILED
             stdout.write(f"{name}: {problem}\n")

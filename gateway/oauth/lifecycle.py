@@ -36,7 +36,9 @@ from ..logs import register_secret
 from . import credentials
 from .accounts import REFRESH_FLOWS, STATUS_OK
 from .endpoint import TokenResponse
+from .grants import scopes_for
 from .sealing import create_key_file, read_key_file, seal
+from .send_scope import GRANTED_SCOPE
 from .store import REFRESH_TOKEN, AccountRecord, SealedSecret
 
 if TYPE_CHECKING:
@@ -101,6 +103,9 @@ async def authorize_account(
         sealed = seal(data_key, answer.refresh_token.encode("utf-8"), account=name,
                       provider=provider.name, kind=REFRESH_TOKEN)
         secrets[REFRESH_TOKEN] = SealedSecret(provider.name, sealed, 0.0)
+    # Not a secret: what the IdP granted, for "re-authorize to send" (gateway.oauth.send_scope).
+    granted = answer.scope if answer.scope is not None else " ".join(scopes_for(provider))
+    secrets[GRANTED_SCOPE] = SealedSecret(provider.name, granted.encode("utf-8"), 0.0)
     await trio.to_thread.run_sync(store.save_account, record, secrets)
     await trio.to_thread.run_sync(store.set_status, name, STATUS_OK, "")
     return answer

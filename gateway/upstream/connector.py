@@ -27,7 +27,7 @@ from ..config import Config, Limits
 from ..ports import TokenSource
 from .client import UpstreamIMAP
 from .login import Publish, open_upstream
-from .slots import UpstreamSlots
+from .slots import UpstreamSlots, kept_slots
 
 __all__ = ["UpstreamConnector"]
 
@@ -57,9 +57,6 @@ class UpstreamConnector:
 
     def update_config(self, config: Config) -> None:
         limits = config.limits
-        kept: dict[str, UpstreamSlots] = {}
-        for name, slots in self._slots.items():
-            if name in config.users and slots.capacity == limits.upstream_connections_per_account:
-                slots.wait = limits.upstream_slot_wait
-                kept[name] = slots
-        self._slots, self._limits = kept, limits
+        self._slots = kept_slots(self._slots, config.users, limits.upstream_connections_per_account,
+                                 limits.upstream_slot_wait)
+        self._limits = limits

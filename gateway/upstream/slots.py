@@ -26,6 +26,7 @@ does no I/O.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from types import TracebackType
 
 import trio
@@ -113,3 +114,16 @@ class UpstreamSlots:
 
     def _release(self) -> None:
         self._semaphore.release()
+
+
+def kept_slots(slots: dict[str, UpstreamSlots], users: Collection[str], capacity: int,
+               wait: float) -> dict[str, UpstreamSlots]:
+    """A config reload: the caps of accounts still configured whose capacity is unchanged are
+    kept (running sessions hold them) and get the new ``wait``; the others are forgotten (an
+    account whose cap changed gets a new one on first use)."""
+    kept: dict[str, UpstreamSlots] = {}
+    for name, cap in slots.items():
+        if name in users and cap.capacity == capacity:
+            cap.wait = wait
+            kept[name] = cap
+    return kept

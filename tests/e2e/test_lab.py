@@ -592,7 +592,7 @@ def test_standalone_lab_writes_lab_json_and_stops_cleanly(tmp_path):
         info = json.loads((tmp_path / "lab.json").read_text())
         assert oct((tmp_path / "lab.json").stat().st_mode & 0o777) == "0o600"
         assert info["demo_user"] == "demo@example.com"
-        assert set(info["ports"]) == {"imap", "imaps", "pop3", "pop3s"}
+        assert set(info["ports"]) == {"imap", "imaps", "pop3", "pop3s", "submission", "submissions"}
         demo = _LabView(info)
         assert len(seed.list_uids(demo, "demo@example.com")) == 5
         with httpx.Client(timeout=HTTP_TIMEOUT) as http:

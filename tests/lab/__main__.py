@@ -52,6 +52,7 @@ def lab_description(oauth: LabOAuthServer, dovecot: LabDovecot,
         "password": dovecot.password,
         "dovecot_dir": str(dovecot.dir),
         "dovecot_log": str(dovecot.log_path),
+        "sink_dir": str(dovecot.sink.dir) if dovecot.sink else None,
         "oauth": {
             "url": oauth.url,
             "authorize_url": oauth.authorize_url,

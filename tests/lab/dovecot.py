@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 :class:`LabDovecot` writes a self-contained configuration into a fresh temporary directory
 (``base_dir``, ``state_dir``, logs, TLS files, mail all live below it, ``instance_name`` is
-unique) and runs ``dovecot -F -c DIR/dovecot.conf`` as a child process on four free
-127.0.0.1 ports: ``imap`` (STARTTLS offered), ``imaps``, ``pop3`` (STLS offered) and
-``pop3s``. :meth:`LabDovecot.start` returns once every port accepts connections (tens of
+unique) and runs ``dovecot -F -c DIR/dovecot.conf`` as a child process on six free
+127.0.0.1 ports: ``imap`` (STARTTLS offered), ``imaps``, ``pop3`` (STLS offered),
+``pop3s``, ``submission`` (SMTP submission, STARTTLS offered) and ``submissions`` (implicit
+TLS). :meth:`LabDovecot.start` returns once every port accepts connections (tens of
 milliseconds); :meth:`LabDovecot.stop` terminates the master, which takes its children with
 it, then waits until no process of the instance is left and removes the directory.
 
@@ -24,6 +25,11 @@ takes a fresh mailbox from :meth:`LabDovecot.new_user`. Mail is maildir under
 ``DIR/mail/<user>``, owned by ``nobody``. The inbox namespace has special-use ``Trash``,
 ``Sent``, ``Drafts`` and ``Junk`` mailboxes (auto-subscribed). Failure delays and the per-IP
 auth penalty are off, and connection limits are raised, so failure and load tests are fast.
+
+Submission: Dovecot's submission service authenticates with the same passdbs (so XOAUTH2 and
+OAUTHBEARER tokens are introspected like IMAP's) and relays every accepted message to
+:attr:`LabDovecot.sink`, a :class:`~tests.lab.smtp_sink.LabSmtpSink` that stores it (files under
+``DIR/sink``). Dovecot adds its own ``Received:`` trace header on top of each relayed message.
 
 TLS uses a throw-away ``trustme`` CA; :attr:`LabDovecot.ca_file` is its PEM, the server
 certificate names ``localhost`` and ``127.0.0.1``.
@@ -46,17 +52,19 @@ from typing import TYPE_CHECKING
 
 import trustme
 
+from tests.lab.smtp_sink import LabSmtpSink
+
 if TYPE_CHECKING:
     from tests.lab.oauth_server import LabOAuthServer
 
 __all__ = ["LabDovecot", "DovecotNotInstalled", "INSTALL_HINT"]
 
 #: What to run when the Dovecot binaries are missing.
-INSTALL_HINT = "apt-get install dovecot-imapd dovecot-pop3d"
+INSTALL_HINT = "apt-get install dovecot-imapd dovecot-pop3d dovecot-submissiond"
 #: Password of every user for PLAIN/LOGIN (the static passdb).
 LAB_PASSWORD = "labpass"
 #: Names of the listeners; ``LabDovecot.ports`` has one entry per name.
-LISTENERS = ("imap", "imaps", "pop3", "pop3s")
+LISTENERS = ("imap", "imaps", "pop3", "pop3s", "submission", "submissions")
 #: How long ``start()`` waits for every port to accept connections.
 START_TIMEOUT = 10.0
 #: How long ``stop()`` lets Dovecot shut down after SIGTERM before it sends SIGKILL.
@@ -102,7 +110,7 @@ def _port_ready(host: str, port: int, *, expect_greeting: bool) -> bool:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as sock:
             if expect_greeting:
                 sock.settimeout(PROBE_TIMEOUT)
-                return sock.recv(64).startswith((b"* OK", b"+OK"))
+                return sock.recv(64).startswith((b"* OK", b"+OK", b"220 "))
             return True
     except OSError:
         return False
@@ -163,6 +171,7 @@ class LabDovecot:
         self.instance_name = f"mailgate-lab-{os.getpid()}-{next(_instance_counter)}"
         self.dir: Path = Path()
         self.ports: dict[str, int] = {}
+        self.sink: LabSmtpSink | None = None
 
     # ----------------------------------------------------------------- paths
 
@@ -211,6 +220,7 @@ class LabDovecot:
             self.dir = Path(self._parent_dir)
             self.dir.mkdir(parents=True, exist_ok=True)
         self._prepare_dir()
+        self.sink = LabSmtpSink(self.dir / "sink").start()
         last_error = ""
         for _attempt in range(START_ATTEMPTS):
             self.ports = {name: _free_port() for name in LISTENERS}
@@ -221,6 +231,7 @@ class LabDovecot:
                 return self
             except RuntimeError as exc:
                 last_error = str(exc)
+        self.sink.stop()
         self._cleanup_dir()
         raise RuntimeError(f"Dovecot did not start: {last_error}")
 
@@ -230,6 +241,9 @@ class LabDovecot:
         if process is not None:
             atexit.unregister(self.stop)
             self._terminate(process)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.stop()
         self._cleanup_dir()
 
     def __enter__(self) -> LabDovecot:
@@ -267,7 +281,7 @@ class LabDovecot:
     def _prepare_dir(self) -> None:
         self._check_reachable()
         os.chmod(self.dir, 0o755)  # login/mail processes run unprivileged
-        for sub in ("run", "state"):
+        for sub in ("run", "state", "sink"):
             (self.dir / sub).mkdir(exist_ok=True)
         self.mail_dir.mkdir(exist_ok=True)
         if os.geteuid() == 0:
@@ -317,7 +331,12 @@ log_path = {self.log_path}
 info_log_path = {self.log_path}
 debug_log_path = {self.log_path}
 listen = 127.0.0.1
-protocols = imap pop3
+protocols = imap pop3 submission
+hostname = submission.lab
+submission_relay_host = {self.sink.host if self.sink else "127.0.0.1"}
+submission_relay_port = {self.sink.port if self.sink else 25}
+submission_relay_trusted = yes
+submission_max_mail_size = 0
 {users}
 ssl = yes
 ssl_cert = <{d}/cert.pem
@@ -395,6 +414,18 @@ service pop3-login {{
   inet_listener pop3s {{
     address = 127.0.0.1
     port = {self.ports["pop3s"]}
+    ssl = yes
+  }}
+}}
+service submission-login {{
+{chroot}  service_count = 0
+  inet_listener submission {{
+    address = 127.0.0.1
+    port = {self.ports["submission"]}
+  }}
+  inet_listener submissions {{
+    address = 127.0.0.1
+    port = {self.ports["submissions"]}
     ssl = yes
   }}
 }}

@@ -8,14 +8,14 @@ from tests.fixtures.process import run
 def test_check_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
     cfg = tmp_path / "mailgate.toml"
     cfg.write_text(
-        '[[listener]]\nprotocol = "smtp"\nbind = "1.2.3.4"\ntls = "implicit"\n'
+        '[[listener]]\nprotocol = "nntp"\nbind = "1.2.3.4"\ntls = "implicit"\n'
         '[users.bob]\nprovider = "nowhere"\nupstream_user = "b@x"\n'
     )
     result = run("--config", str(cfg), "check")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "the configuration in" in result.stderr
-    assert "listener[1].protocol: Input should be 'imap' or 'pop3' (got 'smtp')" in result.stderr
+    assert "listener[1].protocol: Input should be 'imap', 'pop3' or 'smtp' (got 'nntp')" in result.stderr
     assert "listener[1].bind: '1.2.3.4' is not host:port" in result.stderr
     assert "users.bob.provider: unknown provider 'nowhere'" in result.stderr
 

@@ -87,7 +87,7 @@ def test_every_problem_is_reported_at_once_with_its_key_path(tmp_path: Path) -> 
     problems = "\n".join(info.value.problems)
     expected = [
         "server.hostnam: unknown key",
-        "listener[1].protocol: Input should be 'imap' or 'pop3'",
+        "listener[1].protocol: Input should be 'imap', 'pop3' or 'smtp'",
         "listener[1].bind: '127.0.0.1:99999': port must be a number from 1 to 65535",
         "listener[2].tls: Input should be 'implicit', 'starttls' or 'none' (got 'sometimes')",
         "listener[2].plaintext_auth_from: '300.1.1.1' is not a network",

@@ -29,6 +29,7 @@ from gateway.oauth.accounts import Account, AccountManager
 from gateway.oauth.store import StateStore
 from gateway.upstream.client import UpstreamIMAP
 from gateway.upstream.connector import UpstreamConnector
+from gateway.upstream.smtp_connector import SmtpConnector
 
 T = TypeVar("T")
 PASSWORD = "the right password"
@@ -76,6 +77,11 @@ class FakeAccounts:
 
     def view(self, name: str) -> ports.AccountView | None:
         return None
+
+    def account(self, name: str) -> ports.LocalAccount:
+        if name != "alice":
+            raise KeyError(name)
+        return FakeAccount(self.config)
 
     def update_config(self, config: Config) -> None:
         self.config = config
@@ -208,13 +214,14 @@ async def test_connector_keeps_slots_across_a_reload_unless_the_cap_changed(tmp_
 
 
 def _real_classes_fit(store: StateStore, manager: AccountManager, account: Account,
-                      connector: UpstreamConnector) -> None:
+                      connector: UpstreamConnector, smtp: SmtpConnector) -> None:
     """Never called: mypy checks these assignments (see the test below)."""
     _store: ports.CredentialStore = store
     _accounts: ports.Accounts = manager
     _local: ports.LocalAccount = account
     _view: ports.AccountView = account
     _connector: ports.UpstreamConnector = connector
+    _smtp: ports.SmtpConnector = smtp
     _fake_accounts: ports.Accounts = FakeAccounts(manager.config)
     _fake_connector: ports.UpstreamConnector = UnavailableConnector()
 

@@ -14,9 +14,11 @@ from gateway import errors
 from gateway.frontends.imap_relay import UPSTREAM_ADVICE
 from gateway.oauth.accounts import TEMPORARY_OAUTH_ERRORS
 from gateway.protocol.imap_responses import ResponseFramer
+from gateway.protocol.smtp import ReplyParser
 from gateway.upstream import login
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.login import AuthVerdict, classify_auth_failure
+from gateway.upstream.smtp_answers import ANSWERS, Meaning, explain
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text()
@@ -41,7 +43,8 @@ def test_the_table_is_well_formed() -> None:
     assert len(table) >= 20
     for row in table:
         assert len(row) == 5, row
-        assert row[1] in ("IMAP login", "IMAP session", "token endpoint", "proxy", "SMTP AUTH"), row
+        assert row[1] in ("IMAP login", "IMAP session", "token endpoint", "proxy", "SMTP AUTH",
+                          "SMTP message"), row
 
 
 @pytest.mark.parametrize("row", [r for r in rows() if r[1] == "IMAP login"], ids=lambda r: r[0][:40])
@@ -51,6 +54,33 @@ def test_imap_login_answers_are_classified_as_the_table_says(row: list[str]) -> 
     challenge = JSON_CHALLENGE if "after a JSON challenge" in row[0] else None
     verdict = classify_auth_failure(UpstreamResponse("AUTHENTICATE XOAUTH2", tagged), challenge)
     assert verdict.value == tag(row), (text, verdict)
+
+
+SMTP_ROWS = [r for r in rows() if r[1].startswith("SMTP")]
+
+
+@pytest.mark.parametrize("row", SMTP_ROWS, ids=lambda r: r[0][:40])
+def test_smtp_answers_are_explained_as_the_table_says(row: list[str]) -> None:
+    parser = ReplyParser()
+    parser.feed(codes(row[0])[0].encode() + b"\r\n")
+    reply = parser.next_reply()
+    assert reply is not None
+    explained = explain(reply)
+    assert explained is not None and explained.meaning.value == tag(row), (row[0], explained)
+
+
+def test_every_smtp_answer_the_code_explains_has_a_row() -> None:
+    assert {m.value for m in Meaning} <= {tag(r) for r in SMTP_ROWS}
+    explained = set()
+    for row in SMTP_ROWS:
+        parser = ReplyParser()
+        parser.feed(codes(row[0])[0].encode() + b"\r\n")
+        reply = parser.next_reply()
+        assert reply is not None
+        found = explain(reply)
+        assert found is not None
+        explained.add(found.key)
+    assert {answer.explanation.key for answer in ANSWERS} <= explained
 
 
 def test_every_oauth_error_is_classified_as_the_table_says() -> None:
