@@ -163,8 +163,8 @@ async def test_throttled_login_is_temporary_and_explained(rig: SmtpRig) -> None:
 async def test_smtp_auth_disabled_is_a_refused_feature(rig: SmtpRig) -> None:
     # Microsoft 365 with SMTP AUTH off for the mailbox: the client is refused for good, and the
     # event carries the feature, which the notifier turns into one account.feature_refused.
-    rig.proxy.arm("up", "reply", rb"^AUTH ", reply=b"535 5.7.139 Authentication unsuccessful, "
-                  b"SmtpClientAuthentication is disabled for the Mailbox\r\n")
+    rig.proxy.arm("up", "reply", rb"^AUTH ",
+                  reply=b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox\r\n")
     wire = await rig.gate.login()
     code, lines = await wire.command(f"MAIL FROM:<{rig.gate.upstream_user}>")
     assert 500 <= code < 600, lines
