@@ -71,39 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="validate the config and the accounts; say what to fix")
     sub.add_parser("certs", help="create the TLS certificate if missing; print what clients trust")
     p = sub.add_parser("accounts", help="every account: token state and expiry, last error, what to do")
-    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    _flags(p, json="one JSON object, for scripts")
 
     p = sub.add_parser("passwd", help="set or change a user's local password")
     p.add_argument("user")
-    p.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the passwords from stdin: the current one (if set), then the new one",
-    )
-    p.add_argument(
-        "--reset",
-        action="store_true",
-        help="set a new password without the current one (discards the stored authorization)",
+    _flags(
+        p,
+        password_stdin="read the passwords from stdin: the current one (if set), then the new one",
+        reset="set a new password without the current one (discards the stored authorization)",
     )
 
     p = sub.add_parser("authorize", help="authorize a user's upstream account (OAuth 2.0)")
     p.add_argument("user")
-    p.add_argument(
-        "--manual",
-        action="store_true",
-        help="headless: open the URL elsewhere and paste the redirected URL back",
-    )
-    p.add_argument(
-        "--refresh-token-stdin",
-        action="store_true",
-        help="import a refresh token obtained elsewhere (read from stdin)",
-    )
-    p.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the local password as the first line of stdin",
+    _flags(
+        p,
+        manual="headless: open the URL elsewhere and paste the redirected URL back",
+        refresh_token_stdin="import a refresh token obtained elsewhere (read from stdin)",
+        password_stdin="read the local password as the first line of stdin",
     )
     return parser
+
+
+def _flags(parser: argparse.ArgumentParser, **flags: str) -> None:
+    """Add each ``name=help`` as the on/off option ``--name`` (underscores become dashes)."""
+    for name, text in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
 
 
 def _load(args: argparse.Namespace) -> Config:

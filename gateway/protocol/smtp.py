@@ -443,17 +443,11 @@ _PARSERS = {
 # -- client input framing ----------------------------------------------------------------
 
 
-class CommandReader:
-    """The client's input buffer: command lines, and raw octets for BDAT and DATA.
+class _InputBuffer:
+    """Octets received and not consumed yet; the readers of both directions build on it."""
 
-    ``limit`` is the longest line accepted, line end included. A longer line raises
-    :class:`LineTooLong` once and the rest of it is skipped.
-    """
-
-    def __init__(self, limit: int = MAX_COMMAND_LINE) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self._data = bytearray()
-        self._skip_to_eol = False
 
     def feed(self, data: bytes | bytearray) -> None:
         self._data += data
@@ -461,6 +455,19 @@ class CommandReader:
     @property
     def buffered(self) -> int:
         return len(self._data)
+
+
+class CommandReader(_InputBuffer):
+    """The client's input buffer: command lines, and raw octets for BDAT and DATA.
+
+    ``limit`` is the longest line accepted, line end included. A longer line raises
+    :class:`LineTooLong` once and the rest of it is skipped.
+    """
+
+    def __init__(self, limit: int = MAX_COMMAND_LINE) -> None:
+        super().__init__()
+        self.limit = limit
+        self._skip_to_eol = False
 
     def next_line(self) -> bytes | None:
         """The next complete line without CRLF (or bare LF); ``None`` if more data is needed."""
@@ -646,20 +653,13 @@ class Reply:
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)", re.S)
 
 
-class ReplyParser:
+class ReplyParser(_InputBuffer):
     """Parses a server's replies from input split anywhere (rule 6)."""
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        super().__init__()
         self._lines: list[str] = []
         self._code: int | None = None
-
-    def feed(self, data: bytes | bytearray) -> None:
-        self._data += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._data)
 
     def next_reply(self) -> Reply | None:
         """The next complete reply, or ``None`` if more data is needed."""

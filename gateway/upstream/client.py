@@ -29,11 +29,10 @@ from pathlib import Path
 
 import trio
 
-from ..errors import UpstreamError
 from .body import BodyStream, MessageVanished
 from .engine import CommandFailed, UpstreamBad, UpstreamNo, UpstreamResponse
 from .mailbox import MailboxInfo, UnsafeExpunge, UpstreamIMAP, quote_mailbox, uid_set
-from .transport import RECEIVE_SIZE, DetachedStream, make_tls_context, open_stream
+from .transport import RECEIVE_SIZE, DetachedStream, make_tls_context, open_client
 
 log = logging.getLogger("mailgate.upstream")
 
@@ -72,22 +71,20 @@ async def connect(
     (an ``http://`` URL) the TCP connection is a CONNECT tunnel through that proxy."""
     where = f"{host}:{port}"
     tls_ctx = make_tls_context(ca_file)
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await open_stream(host, port, tls_ctx if tls == "implicit" else None, proxy=proxy)
-            client = UpstreamIMAP(stream, where=where, command_timeout=command_timeout, max_line=max_line)
-            try:
-                if tls == "implicit":
-                    await client.handshake()
-                await client.read_greeting()
-                if tls == "starttls":
-                    await client.starttls(tls_ctx, host)
-                elif not client.capabilities:
-                    await client.refresh_capabilities()
-            except BaseException:
-                await client.aclose()
-                raise
-    except trio.TooSlowError:
-        raise UpstreamError(f"connecting to {where} took longer than {connect_timeout:g}s") from None
+
+    def make(stream: trio.abc.Stream) -> UpstreamIMAP:
+        return UpstreamIMAP(stream, where=where, command_timeout=command_timeout, max_line=max_line)
+
+    async def setup(client: UpstreamIMAP) -> None:
+        if tls == "implicit":
+            await client.handshake()
+        await client.read_greeting()
+        if tls == "starttls":
+            await client.starttls(tls_ctx, host)
+        elif not client.capabilities:
+            await client.refresh_capabilities()
+
+    client = await open_client(host, port, tls=tls, tls_ctx=tls_ctx, proxy=proxy,
+                               connect_timeout=connect_timeout, make=make, setup=setup)
     log.debug("connected to %s (%s)", where, tls)
     return client

@@ -54,7 +54,7 @@ from ..protocol.imap_responses import (
     ResponseFramer,
     capabilities_of,
 )
-from .transport import RECEIVE_SIZE, DetachedStream, SlotLike, more_decrypted, tls_failure
+from .transport import RECEIVE_SIZE, DetachedStream, SlotLike, more_decrypted, send_within, tls_handshake
 
 log = logging.getLogger("mailgate.upstream")
 
@@ -203,12 +203,9 @@ class IMAPConnection:
     async def send(self, data: bytes) -> None:
         """Write ``data`` (a whole command line) within the command deadline."""
         try:
-            with trio.fail_after(self._timeout):
-                await self._stream.send_all(data)
-        except trio.TooSlowError:
-            raise self.fail(f"{self.where} did not accept data within {self._timeout:g}s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self.fail(f"connection to {self.where} lost while sending: {exc or type(exc).__name__}") from None
+            await send_within(self._stream, data, self._timeout, self.where)
+        except UpstreamError as exc:
+            raise self.fail(str(exc)) from None
 
     async def next_event(self) -> Event:
         """The next framer event, reading more from the server as needed (with a deadline)."""
@@ -318,16 +315,10 @@ class IMAPConnection:
 
     async def handshake(self) -> None:
         """The TLS handshake of an implicit-TLS (or just upgraded) connection."""
-        assert isinstance(self._stream, trio.SSLStream)
         try:
-            with trio.fail_after(self._timeout):
-                await self._stream.do_handshake()
-        except trio.TooSlowError:
-            raise self.fail(f"TLS handshake with {self.where} timed out") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            err = tls_failure(exc, self.where)
-            self._broken = str(err)
-            raise err from None
+            await tls_handshake(self._stream, self._timeout, self.where)
+        except UpstreamError as exc:
+            raise self.fail(str(exc)) from None
 
     async def authenticate_oauth(
         self, mechanism: str, initial_response: bytes, *, error_reply: bytes

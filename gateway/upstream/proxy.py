@@ -26,6 +26,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..protocol.http_connect import ConnectHandshake, ProxyProtocolError, parse_proxy_url
+from .wrapped import WrappedStream
 
 __all__ = ["open_tunnel"]
 
@@ -77,25 +78,16 @@ async def open_tunnel(proxy_url: str, host: str, port: int) -> trio.abc.Stream:
     return tcp
 
 
-class _Replay(trio.abc.Stream):
+class _Replay(WrappedStream):
     """A stream that first returns bytes already read from it."""
 
     def __init__(self, inner: trio.abc.Stream, pending: bytes):
-        self._inner = inner
+        super().__init__(inner)
         self._pending = pending
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._pending:
             size = len(self._pending) if max_bytes is None else max_bytes
             data, self._pending = self._pending[:size], self._pending[size:]
             return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+        return await self._stream.receive_some(max_bytes)

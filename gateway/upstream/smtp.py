@@ -44,7 +44,7 @@ import trio
 from ..errors import MailgateError, ReauthorizationRequired, UpstreamError
 from ..protocol import sasl
 from ..protocol.smtp import Reply, ReplyError, ReplyParser
-from .transport import make_tls_context, open_stream
+from .transport import make_tls_context, open_client, send_within, tls_handshake
 from .login import Publish
 from .slots import Slot, UpstreamSlots
 from .smtp_answers import SMTP_AUTH_DISABLED, Explanation, Meaning, explain
@@ -120,12 +120,9 @@ class UpstreamSMTP:
         if self._broken is not None:
             raise UpstreamError(f"{self.where}: connection unusable ({self._broken})")
         try:
-            with trio.fail_after(self._timeout):
-                await self._stream.send_all(data)
-        except trio.TooSlowError:
-            raise self._fail(f"{self.where} did not take data for {self._timeout:g}s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._fail(f"{self.where} closed the connection ({type(exc).__name__})") from None
+            await send_within(self._stream, data, self._timeout, self.where)
+        except UpstreamError as exc:
+            raise self._fail(str(exc)) from None
 
     async def read_reply(self, *, timeout: float | None = None) -> Reply:
         """The server's next reply."""
@@ -190,18 +187,10 @@ class UpstreamSMTP:
         self._parser = ReplyParser()
 
     async def _handshake(self) -> None:
-        assert isinstance(self._stream, trio.SSLStream)
         try:
-            with trio.fail_after(self._timeout):
-                await self._stream.do_handshake()
-        except trio.TooSlowError:
-            raise self._fail(f"TLS handshake with {self.where} timed out") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            cause = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise self._fail(f"TLS certificate of {self.where} is not trusted: "
-                                 f"{cause.verify_message}") from None
-            raise self._fail(f"TLS handshake with {self.where} failed: {cause}") from None
+            await tls_handshake(self._stream, self._timeout, self.where)
+        except UpstreamError as exc:
+            raise self._fail(str(exc)) from None
 
     async def authenticate(self, mechanism: str, initial: bytes, error_reply: bytes) -> tuple[Reply, bytes | None]:
         """One ``AUTH`` with an initial response; returns the final reply and any challenge."""
@@ -251,29 +240,26 @@ async def connect_smtp(host: str, port: int, *, tls: str, ca_file: Path | None, 
     greeting and EHLO (see the module docstring, step 2)."""
     where = f"{host}:{port}"
     tls_ctx = make_tls_context(ca_file)
-    try:
-        with trio.fail_after(connect_timeout):
-            stream = await open_stream(host, port, tls_ctx if tls == "implicit" else None, proxy=proxy)
-            client = UpstreamSMTP(stream, where=where, command_timeout=command_timeout,
-                                  data_timeout=data_timeout)
-            try:
-                if tls == "implicit":
-                    await client._handshake()
-                greeting = await client.read_reply()
-                if greeting.code != 220:
-                    raise client._fail(f"{where} is not ready: {greeting}")
-                await client.ehlo()
-                if tls == "starttls":
-                    if not client.offers("STARTTLS"):
-                        raise client._fail(f"{where} does not offer STARTTLS")
-                    await client.starttls(tls_ctx, host)
-                    await client.ehlo()
-            except BaseException:
-                await client.aclose()
-                raise
-    except trio.TooSlowError:
-        raise UpstreamError(f"connecting to {where} took longer than {connect_timeout:g}s") from None
-    return client
+
+    def make(stream: trio.abc.Stream) -> UpstreamSMTP:
+        return UpstreamSMTP(stream, where=where, command_timeout=command_timeout,
+                            data_timeout=data_timeout)
+
+    async def setup(client: UpstreamSMTP) -> None:
+        if tls == "implicit":
+            await client._handshake()
+        greeting = await client.read_reply()
+        if greeting.code != 220:
+            raise client._fail(f"{where} is not ready: {greeting}")
+        await client.ehlo()
+        if tls == "starttls":
+            if not client.offers("STARTTLS"):
+                raise client._fail(f"{where} does not offer STARTTLS")
+            await client.starttls(tls_ctx, host)
+            await client.ehlo()
+
+    return await open_client(host, port, tls=tls, tls_ctx=tls_ctx, proxy=proxy,
+                             connect_timeout=connect_timeout, make=make, setup=setup)
 
 
 def _initial_response(account: TokenSource, token: str) -> bytes:

@@ -12,8 +12,13 @@ Everything here is about bytes, not IMAP:
   it in a ``trio.SSLStream`` (the handshake is the caller's, under its deadline).
 * :func:`receive` is one read of up to :data:`RECEIVE_SIZE` bytes that also takes every whole
   TLS record already decrypted, without waiting (a TLS read returns one 16 KiB record at most).
-* :func:`tls_failure` turns a failed handshake into a readable :class:`UpstreamError`
-  (untrusted certificate, protocol failure, closed connection).
+* :func:`send_within` is a write under a deadline, for IMAP and SMTP alike; so is
+  :func:`tls_handshake`, the handshake;
+  :func:`tls_failure` turns a failed one into a readable :class:`UpstreamError` (untrusted
+  certificate, protocol failure, closed connection).
+* :func:`open_client` is the connect sequence both protocol clients share: the stream, the
+  client on it and its setup (handshake, greeting, STARTTLS) under one connect deadline,
+  the client closed again if the setup fails.
 * :class:`DetachedStream` is what the IMAP relay gets after login: the raw stream, whose
   ``aclose`` also frees the account's upstream slot.
 """
@@ -23,14 +28,16 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
 from ..errors import UpstreamError
 from ..net import take_decrypted
 from .proxy import open_tunnel
+from .wrapped import WrappedStream
 
 __all__ = [
     "RECEIVE_SIZE",
@@ -39,15 +46,25 @@ __all__ = [
     "SlotLike",
     "make_tls_context",
     "more_decrypted",
+    "open_client",
     "open_stream",
     "receive",
+    "send_within",
     "tls_failure",
+    "tls_handshake",
 ]
 
 #: Bytes asked for per read (a TLS read returns at most one 16 KiB record anyway).
 RECEIVE_SIZE = 64 * 1024
 #: Distinct upstream CA files whose TLS contexts are kept (one per provider in practice).
 TLS_CONTEXT_CACHE_SIZE = 16
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+_Client = TypeVar("_Client", bound=_Closable)
 
 
 class SlotLike(Protocol):
@@ -90,6 +107,60 @@ def tls_failure(exc: BaseException, where: str) -> UpstreamError:
     return UpstreamError(f"TLS handshake with {where} failed: connection closed")
 
 
+async def tls_handshake(stream: trio.abc.Stream, timeout: float, where: str) -> None:
+    """The TLS handshake of ``stream`` (a ``trio.SSLStream``) with ``where`` within ``timeout``
+    seconds; a timeout or a failure is an :class:`UpstreamError` (see :func:`tls_failure`)."""
+    assert isinstance(stream, trio.SSLStream)
+    try:
+        with trio.fail_after(timeout):
+            await stream.do_handshake()
+    except trio.TooSlowError:
+        raise UpstreamError(f"TLS handshake with {where} timed out") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise tls_failure(exc, where) from None
+
+
+async def send_within(stream: trio.abc.Stream, data: bytes, timeout: float, where: str) -> None:
+    """Write ``data`` to ``stream`` (connected to ``where``) within ``timeout`` seconds; a
+    timeout or a lost connection is an :class:`UpstreamError`."""
+    try:
+        with trio.fail_after(timeout):
+            await stream.send_all(data)
+    except trio.TooSlowError:
+        raise UpstreamError(f"{where} did not accept data within {timeout:g}s") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise UpstreamError(f"connection to {where} lost while sending: {exc or type(exc).__name__}") from None
+
+
+async def open_client(
+    host: str,
+    port: int,
+    *,
+    tls: str,
+    tls_ctx: ssl.SSLContext,
+    proxy: str | None,
+    connect_timeout: float,
+    make: Callable[[trio.abc.Stream], _Client],
+    setup: Callable[[_Client], Awaitable[None]],
+) -> _Client:
+    """A protocol client on a new connection to ``host:port``: :func:`open_stream` (TLS from
+    the start when ``tls`` is ``"implicit"``), ``make`` the client on that stream, then its
+    ``setup`` (handshake, greeting, STARTTLS...). All of it within ``connect_timeout``; if
+    ``setup`` fails the client is closed."""
+    try:
+        with trio.fail_after(connect_timeout):
+            stream = await open_stream(host, port, tls_ctx if tls == "implicit" else None, proxy=proxy)
+            client = make(stream)
+            try:
+                await setup(client)
+            except BaseException:
+                await client.aclose()
+                raise
+    except trio.TooSlowError:
+        raise UpstreamError(f"connecting to {host}:{port} took longer than {connect_timeout:g}s") from None
+    return client
+
+
 async def open_stream(
     host: str, port: int, tls_ctx: ssl.SSLContext | None, *, proxy: str | None = None
 ) -> trio.abc.Stream:
@@ -125,18 +196,12 @@ async def receive(stream: trio.abc.Stream, limit: int = RECEIVE_SIZE) -> bytes |
     return more_decrypted(stream, await stream.receive_some(limit), limit)
 
 
-class DetachedStream(trio.abc.Stream):
+class DetachedStream(WrappedStream):
     """The upstream byte stream handed to the IMAP relay; ``aclose`` also frees the slot."""
 
     def __init__(self, stream: trio.abc.Stream, slot: SlotLike | None):
-        self._stream = stream
+        super().__init__(stream)
         self._slot = slot
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await receive(self._stream, max_bytes or RECEIVE_SIZE)
