@@ -108,8 +108,12 @@ class ListenerConfig(_Bound):
     plaintext_auth_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list
     )
+    # Load balancers that must send a PROXY protocol header (gateway/proxied.py).
+    proxy_protocol_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list
+    )
 
-    @field_validator("plaintext_auth_from", mode="before")
+    @field_validator("plaintext_auth_from", "proxy_protocol_from", mode="before")
     @classmethod
     def _networks(cls, v: Any) -> Any:
         if isinstance(v, list):
@@ -227,6 +231,7 @@ class Limits(_Section):
     imap_idle_timeout: float = Field(1800, ge=1800)  # RFC 3501 §5.4: at least 30 minutes
     pop3_idle_timeout: float = Field(600, ge=600)  # RFC 1939: at least 10 minutes
     tls_handshake_timeout: float = Field(30, gt=0)
+    proxy_header_timeout: float = Field(5, gt=0)  # a load balancer's PROXY header, after accept
     upstream_connect_timeout: float = Field(30, gt=0)
     upstream_command_timeout: float = Field(120, gt=0)
     token_request_timeout: float = Field(30, gt=0)
@@ -237,6 +242,7 @@ class Limits(_Section):
     max_line: int = Field(65536, ge=1024)
     max_literal_prelogin: int = Field(8192, ge=512)
     max_literal: int = Field(104_857_600, ge=1024)
+    max_proxy_header: int = Field(4096, ge=232)  # PROXY v2 with its extensions
     # Abuse.
     max_bad_commands_prelogin: int = Field(3, ge=1)
     max_bad_commands: int = Field(20, ge=1)
