@@ -122,5 +122,6 @@ async def serve(config: Config, config_path: Path) -> int:
         # server.run ends once its sessions are done (or the grace ran out); then the admin plane.
         await server.finished.wait()
         nursery.cancel_scope.cancel()
+    ctx.store.close()
     return 0
 

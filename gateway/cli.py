@@ -34,6 +34,7 @@ from .config import DEFAULT_CONFIG_NAME, Config, load_config
 from .errors import ConfigError, MailgateError, TemporaryFailure
 from .logs import setup_logging
 from .oauth.commands import account_status, authorize, passwd
+from .oauth.migrate import migrate_store
 
 log = logging.getLogger("mailgate")
 
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run the listeners and the admin plane until SIGTERM")
     sub.add_parser("check", help="validate the config and the accounts; say what to fix")
     sub.add_parser("certs", help="create the TLS certificate if missing; print what clients trust")
+    sub.add_parser("migrate-store",
+                   help="copy the SQLite state file into the [store] url PostgreSQL database")
 
     p = sub.add_parser("passwd", help="set or change a user's local password")
     p.add_argument("user")
@@ -149,6 +152,10 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    return migrate_store(_load(args), sys.stdout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     _setup_logging(args, config)
@@ -167,6 +174,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "certs": cmd_certs,
     "passwd": cmd_passwd,
     "authorize": cmd_authorize,
+    "migrate-store": cmd_migrate_store,
 }
 
 

@@ -91,6 +91,19 @@ class ServerSection(_Section):
     hostname: str = "localhost"
 
 
+class StoreSection(_Section):
+    # Unset: the SQLite file in server.state_dir. "postgresql://user:pw@host/db": a database
+    # several instances share (gateway/oauth/pg_store.py).
+    url: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or leave it out for SQLite)")
+        return v
+
+
 class TLSSection(_Section):
     cert_file: Path = Path("certs/mailgate.pem")
     key_file: Path = Path("certs/mailgate.key")
@@ -253,11 +266,15 @@ class Limits(_Section):
     # Upstream.
     upstream_connections_per_account: int = Field(10, ge=1)
     upstream_slot_wait: float = Field(30, ge=0)
+    # The PostgreSQL store ([store] url).
+    store_connections: int = Field(10, ge=2)  # pooled connections per instance
+    store_timeout: float = Field(10, gt=0)  # waiting for a pooled connection / connecting
 
 
 class Config(_Section):
     path: Path | None = None
     server: ServerSection = ServerSection()
+    store: StoreSection = StoreSection()
     tls: TLSSection = TLSSection()
     logging: LoggingSection = LoggingSection()
     listeners: list[ListenerConfig] = Field(default_factory=list, alias="listener")

@@ -37,6 +37,7 @@ __all__ = [
     "AccountView",
     "Accounts",
     "CredentialStore",
+    "HeldLock",
     "KdfRunner",
     "LocalAccount",
     "TokenSource",
@@ -130,6 +131,12 @@ class UpstreamConnector(Protocol):
         ...
 
 
+class HeldLock(Protocol):
+    """A cross-process lock the caller holds until :meth:`release` (blocking)."""
+
+    def release(self) -> None: ...
+
+
 class CredentialStore(Protocol):
     """Per-account credentials at rest: verifier, wrapped data key, sealed secrets, status.
 
@@ -161,3 +168,13 @@ class CredentialStore(Protocol):
     def set_status(self, account: str, state: str, detail: str = "") -> None: ...
 
     def delete_account(self, name: str) -> None: ...
+
+    def refresh_lock(self, account: str, timeout: float) -> HeldLock:
+        """The account's token-refresh lock, exclusive across every process and instance using
+        this store, released when its holder dies; waits up to ``timeout`` seconds, then
+        raises ``StoreError``."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads (a no-op for SQLite)."""
+        ...

@@ -31,7 +31,8 @@ import pytest
 
 from tests.lab import LabDovecot, LabOAuthServer
 
-pytest_plugins = ["tests.fixtures.oauth", "tests.fixtures.imap", "tests.fixtures.pop3"]
+pytest_plugins = ["tests.fixtures.oauth", "tests.fixtures.imap", "tests.fixtures.pop3",
+                  "tests.fixtures.postgres"]
 
 TESTS = Path(__file__).resolve().parent
 GROUPS = ("unit", "e2e", "clients", "faults")
