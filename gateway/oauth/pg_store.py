@@ -12,7 +12,8 @@ mailgate instances on several machines use one database. Rules:
    database is as safe as a copy of the SQLite file.
 2. **Blocking, pooled.** psycopg 3 with a :class:`psycopg_pool.ConnectionPool` of at most
    ``limits.store_connections`` connections, each checked before it is handed out (a server
-   restart leaves dead connections in the pool). Methods block; async callers run them with
+   restart leaves dead connections in the pool; a reconnection that keeps failing is given up
+   after ``limits.store_timeout`` and the next caller starts a fresh one). Methods block; async callers run them with
    ``trio.to_thread.run_sync``, as for SQLite. Every write is one transaction. A connection
    that cannot be had within ``limits.store_timeout`` seconds, and every database error,
    raises :class:`~gateway.oauth.store.StoreError`: the callers turn it into a temporary
@@ -121,6 +122,9 @@ class PgStore:
             url, min_size=1, max_size=max_connections, kwargs={"autocommit": True},
             check=ConnectionPool.check_connection, timeout=timeout, open=False,
             name="mailgate-store",
+            # Give up a failing reconnection soon: the next caller starts a fresh attempt, so
+            # recovery after an outage does not wait out a long exponential back-off.
+            reconnect_timeout=timeout,
         )
         self._generation = 0
         self._count = 0
