@@ -31,7 +31,7 @@ import trio
 
 from .admin.http import serve_admin
 from .certs import ensure_certificate
-from .config import Config, load_config
+from .config import Config, load_config, per_worker
 from .context import GatewayContext
 from .errors import ConfigError
 from .events import EventBus
@@ -84,7 +84,7 @@ def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
 def reload(server: GatewayServer, config_path: Path) -> bool:
     """Swap in a new config for new sessions; keep the old one if the new one is invalid."""
     try:
-        config = load_config(config_path)
+        config = per_worker(load_config(config_path))
     except ConfigError as exc:
         log.error("SIGHUP: the new configuration was refused, the running one is kept:")
         for problem in exc.problems:
@@ -105,11 +105,14 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
     return True
 
 
-async def serve(config: Config, config_path: Path) -> int:
+async def serve(config: Config, config_path: Path, *, worker: int = 0) -> int:
+    """Run until SIGTERM/SIGINT. ``worker``: this process's number among ``server.workers``
+    (:mod:`gateway.workers`); only worker 0 serves the admin port."""
+    config = per_worker(config)
     ctx, server = build(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        if config.admin.enabled:
+        if config.admin.enabled and worker == 0:
             await nursery.start(serve_admin, server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:

@@ -35,6 +35,7 @@ from .errors import ConfigError, MailgateError, TemporaryFailure
 from .logs import setup_logging
 from .oauth.commands import account_status, authorize, passwd
 from .oauth.migrate import migrate_store
+from .workers import run_workers
 
 log = logging.getLogger("mailgate")
 
@@ -159,6 +160,8 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     _setup_logging(args, config)
+    if config.server.worker_count > 1:
+        return run_workers(config, args.config or default_config_path())
     return trio.run(serve, config, args.config or default_config_path())
 
 

@@ -19,6 +19,7 @@ The models are frozen: a running gateway never mutates its configuration; SIGHUP
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,6 +90,12 @@ class _Bound(_Section):
 class ServerSection(_Section):
     state_dir: Path = Path("state")
     hostname: str = "localhost"
+    # Processes sharing the listeners (SO_REUSEPORT) and state_dir; "auto": one per core.
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
 
 
 class StoreSection(_Section):
@@ -443,6 +450,23 @@ def _check_user_providers(raw: dict[str, Any]) -> list[str]:
                 f"(define [providers.{provider}]; defined: {defined})"
             )
     return problems
+
+
+def per_worker(config: Config) -> Config:
+    """The configuration one of ``server.workers`` processes runs with: the caps that must hold
+    for the whole gateway are divided among the workers (docs/security.md, "Several worker
+    processes"); one worker: unchanged."""
+    n = config.server.worker_count
+    if n == 1:
+        return config
+    limits = config.limits
+    shares = {key: max(1, getattr(limits, key) // n) for key in WORKER_DIVIDED_LIMITS}
+    return config.model_copy(update={"limits": limits.model_copy(update=shares)})
+
+
+#: The limits each of N worker processes gets 1/N of (at least 1).
+WORKER_DIVIDED_LIMITS = ("max_connections", "max_connections_per_ip", "kdf_concurrency",
+                         "upstream_connections_per_account")
 
 
 def load_config(path: str | Path) -> Config:

@@ -46,6 +46,7 @@ from .events import EventBus
 from .frontends.imap_session import handle_imap
 from .frontends.pop3_session import handle_pop3
 from .net import ClientStream, TLSHandshakeFailed
+from .listeners import open_listeners
 from .proxied import client_address
 
 log = logging.getLogger("mailgate.server")
@@ -116,7 +117,9 @@ class GatewayServer:
         try:
             for lst in self.config.listeners:
                 try:
-                    listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
+                    listeners = await open_listeners(
+                        lst.host, lst.port, reuse_port=self.config.server.worker_count > 1
+                    )
                 except OSError as exc:
                     raise OSError(f"cannot listen on {lst.bind} ({lst.protocol}): {exc.strerror}") from None
                 bound.append((lst, listeners))
