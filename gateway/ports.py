@@ -175,6 +175,11 @@ class CredentialStore(Protocol):
         raises ``StoreError``."""
         ...
 
+    def maildrop_lock(self, account: str) -> HeldLock | None:
+        """The account's POP3 maildrop lock (RFC 1939's exclusive access) across every process
+        and instance, released when its holder dies; None when another session holds it."""
+        ...
+
     def close(self) -> None:
         """Release connections and threads (a no-op for SQLite)."""
         ...

@@ -29,6 +29,12 @@ mailgate instances on several machines use one database. Rules:
    they read until it changes, exactly as with SQLite's change counter. While the listener is
    not connected the stamp raises ``OSError`` and callers read the database directly; after a
    reconnection the generation differs, so nothing missed meanwhile stays cached.
+5. **The POP3 maildrop lock** (:meth:`PgStore.maildrop_lock`, RFC 1939's exclusive access) is
+   the same kind of session-level advisory lock, tried without waiting: a POP3 session on one
+   instance makes every other instance answer ``[IN-USE]``, and it is released with the
+   session -- or with its connection when the instance dies. A session holds one pooled
+   connection for its duration (size ``limits.store_connections`` for the POP3 sessions
+   expected at once).
 
 The schema is created on first use, under a transaction-level advisory lock, so that instances
 starting together do not race.
@@ -101,12 +107,17 @@ def _lock_key(account: str) -> int:
 class HeldLock:
     """A session-level advisory lock on a pool connection; :meth:`release` gives both back."""
 
-    def __init__(self, pool: ConnectionPool[Any], conn: psycopg.Connection[Any], key: int):
-        self._pool, self._conn, self._key = pool, conn, key
+    def __init__(self, pool: ConnectionPool[Any], conn: psycopg.Connection[Any], use: int,
+                 key: int):
+        self._pool, self._conn, self._use, self._key = pool, conn, use, key
+        self._released = False
 
     def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         try:
-            self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_REFRESH, self._key))
+            self._conn.execute("SELECT pg_advisory_unlock(%s, %s)", (self._use, self._key))
         except psycopg.Error:
             pass  # a dead connection holds no lock
         finally:
@@ -287,4 +298,24 @@ class PgStore:
             self._pool.putconn(conn)
             raise StoreError(f"PostgreSQL store {self._where}: refresh lock of {account}: "
                              f"{exc}") from None
-        return HeldLock(self._pool, conn, key)
+        return HeldLock(self._pool, conn, LOCK_REFRESH, key)
+
+    def maildrop_lock(self, account: str) -> HeldLock | None:
+        """The account's POP3 maildrop lock across instances (rule 5), or None when another
+        session holds it."""
+        key = _lock_key(account)
+        try:
+            conn = self._pool.getconn(timeout=self._timeout)
+        except PoolTimeout as exc:
+            raise StoreError(f"PostgreSQL store {self._where}: {exc}") from None
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
+                               (LOCK_MAILDROP, key)).fetchone()
+        except psycopg.Error as exc:
+            self._pool.putconn(conn)
+            raise StoreError(f"PostgreSQL store {self._where}: maildrop lock of {account}: "
+                             f"{exc}") from None
+        if row is None or not row[0]:
+            self._pool.putconn(conn)
+            return None
+        return HeldLock(self._pool, conn, LOCK_MAILDROP, key)

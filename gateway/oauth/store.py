@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 STATE_DB_NAME = "mailgate.sqlite3"
 REFRESH_LOCK_DIR = "refresh"  # under state_dir: one lock file per account
+MAILDROP_LOCK_DIR = "pop3"  # under state_dir: the POP3 maildrop locks
 LOCK_POLL = 0.02  # seconds between attempts while another process holds a refresh lock
 #: Where SQLite keeps its 4-byte big-endian file change counter in the database header.
 CHANGE_COUNTER_OFFSET = 24
@@ -129,10 +130,12 @@ class FileLock:
     death (the kernel drops it with the process, ``kill -9`` included)."""
 
     def __init__(self, fd: int):
-        self._fd = fd
+        self._fd: int | None = fd
 
     def release(self) -> None:
-        os.close(self._fd)  # closing the descriptor drops the flock
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the flock
 
 
 class StateStore:
@@ -196,14 +199,25 @@ class StateStore:
         """The account's token-refresh lock, shared by every process using this state
         directory (``state_dir/refresh/<account>.lock``); waits up to ``timeout`` seconds,
         then raises StoreError."""
-        directory = self.path.parent / REFRESH_LOCK_DIR
+        held = self._flock(REFRESH_LOCK_DIR, account, timeout)
+        if held is None:
+            raise StoreError(f"refresh lock of {account}: still held after {timeout:.0f} s")
+        return held
+
+    def maildrop_lock(self, account: str) -> FileLock | None:
+        """The account's POP3 maildrop lock (``state_dir/pop3/<account>.lock``, the file the
+        POP3 front end always used), or None when another session holds it."""
+        return self._flock(MAILDROP_LOCK_DIR, account, 0.0)
+
+    def _flock(self, subdir: str, account: str, timeout: float) -> FileLock | None:
+        directory = self.path.parent / subdir
         path = directory / (urllib.parse.quote(account, safe="") + ".lock")
         deadline = time.monotonic() + timeout
         try:
             directory.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreError(f"refresh lock {path}: {exc.strerror}") from None
+            raise StoreError(f"lock {path}: {exc.strerror}") from None
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,9 +225,7 @@ class StateStore:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise StoreError(
-                        f"refresh lock of {account}: still held after {timeout:.0f} s"
-                    ) from None
+                    return None
                 time.sleep(LOCK_POLL)
 
     # --- reads ------------------------------------------------------------------------------

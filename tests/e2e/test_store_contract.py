@@ -188,3 +188,20 @@ async def test_async_callers_use_it_from_worker_threads(make_store: StoreFactory
     await trio.to_thread.run_sync(store.save_account, RECORD)
     names = await trio.to_thread.run_sync(store.account_names)
     assert names == ["alice"]
+
+
+def test_the_maildrop_lock_is_tried_not_waited_for(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()
+    held = first.maildrop_lock("alice")
+    assert held is not None
+    started = time.monotonic()
+    assert second.maildrop_lock("alice") is None  # [IN-USE] at once
+    assert time.monotonic() - started < 1
+    other = second.maildrop_lock("bob")
+    assert other is not None
+    other.release()
+    held.release()
+    held.release()  # twice is harmless
+    again = second.maildrop_lock("alice")
+    assert again is not None
+    again.release()
