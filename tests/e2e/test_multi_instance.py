@@ -10,7 +10,12 @@ used twice would answer ``invalid_grant``.
 from __future__ import annotations
 
 import io
+import json
 import shutil
+import socket
+import subprocess
+import sys
+import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +32,22 @@ from gateway.oauth.store import REFRESH_TOKEN, StateStore
 from gateway.server import GatewayServer
 from tests.fixtures.gateway import lab_provider, make_config, start_gateway
 from tests.fixtures.imap import PASSWORD, USER, Wire, quoted, seed_account
-from tests.lab import LabDovecot, LabOAuthServer
+from tests.fixtures.pop3 import PopWire
+from tests.lab import LabDovecot, LabOAuthServer, seed
+from tests.lab.corpus import big_message
 from tests.lab.haproxy import Frontend, LabHAProxy
 from tests.lab.postgres import LabPostgres
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None and
                                 not Path("/usr/sbin/haproxy").exists(),
                                 reason="HAProxy is not installed (apt-get install haproxy)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def instance_config(base: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str,
@@ -103,6 +117,104 @@ async def cluster(nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot,
             server.shutdown()
             await server.finished.wait()
             server.ctx.store.close()
+
+
+def _toml_config(base: Path, lab: LabDovecot, oauth: LabOAuthServer, upstream_user: str,
+                 url: str, pop3_port: int, admin_port: int) -> Path:
+    lines = ["[server]", 'hostname = "localhost"', 'state_dir = "state"',
+             "[store]", f"url = {json.dumps(url)}",
+             "[admin]", f'bind = "127.0.0.1:{admin_port}"',
+             "[limits]", "auth_failure_delay = 0", "token_request_timeout = 5",
+             "[[listener]]", 'protocol = "pop3"', f'bind = "127.0.0.1:{pop3_port}"',
+             'tls = "none"', 'plaintext_auth_from = ["127.0.0.0/8"]',
+             'proxy_protocol_from = ["127.0.0.1/32"]',
+             "[providers.lab]",
+             *[f"{k} = {json.dumps(v)}" for k, v in lab_provider(lab, oauth).items()],
+             f"[users.{USER}]", 'provider = "lab"', f"upstream_user = {json.dumps(upstream_user)}"]
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / "mailgate.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def pop3_via(address: tuple[str, int], *, header: bool) -> tuple[PopWire, bytes]:
+    """USER/PASS on a POP3 listener; ``header``: sent directly, with the PROXY header HAProxy
+    would have sent."""
+    wire = PopWire(await trio.open_tcp_stream(*address), None)  # type: ignore[arg-type]
+    if header:
+        await wire.send(b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 110\r\n")
+    greeting = await wire.line()
+    if not greeting.startswith(b"+OK"):
+        return wire, b"greeting: " + greeting
+    assert (await wire.command(f"USER {USER}")).startswith(b"+OK")
+    return wire, await wire.command(f"PASS {PASSWORD}")
+
+
+async def test_pop3_lock_across_instances_dies_with_a_killed_instance(
+        nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+        lab_user: str, pg_url: str) -> None:
+    config = instance_config(tmp_path / "seed", lab, oauth_server, lab_user, pg_url)
+    _, refresh_token = oauth_server.issue_tokens(lab_user)
+    await seed_account(instance_config(tmp_path / "seed", lab, oauth_server, lab_user, None),
+                       refresh_token)
+    assert await trio.to_thread.run_sync(migrate_store, config, io.StringIO()) == 0
+    await trio.to_thread.run_sync(lambda: seed.append(lab, lab_user, big_message(3_000_000)))
+    await trio.to_thread.run_sync(lambda: seed.append(lab, lab_user, big_message(1000, seed=1)))
+    # Instance 1: a real `mailgate serve` process; instance 2: in this process.
+    port1 = _free_port()
+    path = _toml_config(tmp_path / "gw1", lab, oauth_server, lab_user, pg_url, port1,
+                        _free_port())
+    log = tmp_path / "gw1.log"
+    with open(log, "wb") as out:
+        first_instance = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(path), "serve"], stdout=out,
+            stderr=subprocess.STDOUT)
+    try:
+        second = await start_gateway(nursery, make_config(tmp_path / "gw2", {
+            **{k: v for k, v in tomllib.loads(path.read_text()).items() if k != "admin"},
+            "admin": {"enabled": False},
+            "listener": [{"protocol": "pop3", "bind": "127.0.0.1:0", "tls": "none",
+                          "plaintext_auth_from": ["127.0.0.0/8"],
+                          "proxy_protocol_from": ["127.0.0.1/32"]}]}))
+        with trio.fail_after(20):
+            while True:
+                try:
+                    (await trio.open_tcp_stream("127.0.0.1", port1)).socket.close()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        haproxy = LabHAProxy([Frontend("pop3", [("127.0.0.1", port1), second.addresses[0]])])
+        await trio.to_thread.run_sync(haproxy.start)
+        try:
+            session, answer = await pop3_via(("127.0.0.1", port1), header=True)
+            assert answer.startswith(b"+OK"), (answer, log.read_text()[-2000:])
+            other, refused = await pop3_via(second.addresses[0], header=True)
+            assert refused.startswith(b"-ERR [IN-USE]"), refused
+            await other.aclose()
+            assert (await session.command("DELE 2")).startswith(b"+OK")  # pending at the kill
+            assert (await session.command("RETR 1")).startswith(b"+OK")
+            await session.exactly(200_000)  # mid-RETR
+            first_instance.kill()  # kill -9 of instance 1
+            first_instance.wait()
+            await session.aclose()
+            with trio.fail_after(30):
+                while True:  # through HAProxy: redispatched to instance 2
+                    again, answer = await pop3_via(haproxy.address("pop3"), header=False)
+                    if answer.startswith(b"+OK"):
+                        break
+                    await again.aclose()
+                    await trio.sleep(0.2)
+            assert (await again.command("STAT")).startswith(b"+OK 2 ")  # nothing deleted
+            await again.command("QUIT")
+            await again.aclose()
+        finally:
+            await trio.to_thread.run_sync(haproxy.stop)
+            second.shutdown()
+            await second.finished.wait()
+            second.ctx.store.close()
+    finally:
+        first_instance.kill()
+        first_instance.wait()
 
 
 async def test_migrate_store_copies_every_byte(tmp_path: Path, lab: LabDovecot,

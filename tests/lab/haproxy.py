@@ -56,6 +56,8 @@ def haproxy_config(frontends: list[Frontend], *, check_interval: str = "1s") -> 
         "    timeout client 30m",  # IMAP IDLE: at least mailgate's imap_idle_timeout
         "    timeout server 30m",
         "    timeout check 2s",
+        "    retries 3",
+        "    option redispatch",  # a refused connect is retried on another server
     ]
     for fe in frontends:
         lines += [
