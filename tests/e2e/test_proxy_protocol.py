@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from gateway.admin.http import serve_admin
 from gateway.server import GatewayServer
 from tests.fixtures.gateway import lab_provider, make_config, start_gateway
 from tests.fixtures.imap import PASSWORD, USER, SeededState, Wire, quoted
@@ -122,3 +123,51 @@ async def test_a_trusted_peer_without_a_header_gets_no_greeting(
         await wire.aclose()
     assert "no PROXY header from 127.0.0.1" in caplog.text
     assert "bad PROXY header from 127.0.0.1" in caplog.text
+
+
+async def test_haproxy_health_checks_follow_healthz(
+        nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+        seeded_state: SeededState) -> None:
+    """The documented configuration (docs/operations.md): a draining instance answers 503 on
+    /healthz, HAProxy takes it out, and new clients go to the other instance."""
+    servers = []
+    for name in ("gw1", "gw2"):
+        config = make_config(tmp_path / name, {
+            "server": {"hostname": "localhost", "state_dir": "state"},
+            "listener": [{"protocol": "imap", "bind": "127.0.0.1:0", "tls": "none",
+                          "plaintext_auth_from": ["127.0.0.0/8"],
+                          "proxy_protocol_from": ["127.0.0.1/32"]}],
+            "admin": {"bind": "127.0.0.1:0"},
+            "providers": {"lab": lab_provider(lab, oauth_server)},
+            "users": {USER: {"provider": "lab", "upstream_user": seeded_state.upstream_user}},
+            "limits": {"auth_failure_delay": 0, "shutdown_grace": 30},
+        })
+        shutil.copytree(seeded_state.state_dir, config.server.state_dir)
+        server = await start_gateway(nursery, config)
+        await nursery.start(serve_admin, server)
+        servers.append(server)
+    haproxy = LabHAProxy([Frontend(
+        "imap", [s.addresses[0] for s in servers], send_proxy=2,
+        health_ports=[s.admin_address[1] for s in servers])])  # type: ignore[attr-defined]
+    await trio.to_thread.run_sync(haproxy.start)
+    try:
+        # A session stays open on gw1, so that draining keeps its listener... until it ends.
+        held = Wire(await trio.open_tcp_stream(*servers[0].addresses[0],
+                                               local_address="127.0.0.1"), None)  # type: ignore[arg-type]
+        await held.send(b"PROXY TCP4 127.0.0.5 127.0.0.1 40000 143\r\n")
+        assert (await held.line()).startswith(b"* OK")
+        servers[0].shutdown()  # draining: /healthz answers 503
+        with trio.fail_after(10):
+            while "gw1 is DOWN" not in haproxy.log_text():
+                await trio.sleep(0.1)
+        for _ in range(4):  # every new client is served by gw2
+            assert (await login(await rig_wire(haproxy, CLIENT_OK))).startswith(b"a1 OK")
+        assert "gw2 is DOWN" not in haproxy.log_text()
+        await held.aclose()
+    finally:
+        await trio.to_thread.run_sync(haproxy.stop)
+
+
+async def rig_wire(haproxy: LabHAProxy, source: str) -> Wire:
+    tcp = await trio.open_tcp_stream(*haproxy.address("imap"), local_address=source)
+    return Wire(tcp, None)  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ class Frontend:
     send_proxy: int = 2
     health_ports: list[int] = field(default_factory=list)  # admin ports, one per server
     port: int = 0  # assigned by start()
+    bind_host: str = "127.0.0.1"
 
 
 def _free_port() -> int:
@@ -62,13 +63,14 @@ def haproxy_config(frontends: list[Frontend], *, check_interval: str = "1s") -> 
     for fe in frontends:
         lines += [
             f"frontend {fe.name}",
-            f"    bind 127.0.0.1:{fe.port}",
+            f"    bind {fe.bind_host}:{fe.port}",
             f"    default_backend {fe.name}_gateways",
             f"backend {fe.name}_gateways",
             "    balance roundrobin",
         ]
         if fe.health_ports:
-            lines += ["    option httpchk", "    http-check send meth GET uri /healthz",
+            lines += ["    option httpchk",
+                      "    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host localhost",
                       "    http-check expect status 200"]
         proxy = {2: " send-proxy-v2", 1: " send-proxy", 0: ""}[fe.send_proxy]
         for i, (host, port) in enumerate(fe.servers):
