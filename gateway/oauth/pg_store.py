@@ -90,6 +90,11 @@ _SCHEMA = [
 ]
 
 
+#: Deleting an account: its secrets and status first, then the record.
+_DELETE_ACCOUNT = ("DELETE FROM secrets WHERE account = %s", "DELETE FROM status WHERE account = %s",
+                   "DELETE FROM accounts WHERE name = %s")
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages."""
     try:
@@ -245,13 +250,12 @@ class PgStore:
                 " updated = excluded.updated",
                 (record.name, record.provider, record.password_hash, record.key_wrapping,
                  record.kdf, record.wrapped_key, record.created or now, now))
-            if secrets is not None:
+            if secrets is not None:  # a new data key: the old secrets go, all at once
                 conn.execute("DELETE FROM secrets WHERE account = %s", (record.name,))
-                for kind, secret in secrets.items():
-                    conn.execute(
-                        "INSERT INTO secrets (account, kind, provider, sealed, updated)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        (record.name, kind, secret.provider, secret.sealed, now))
+                rows = [(record.name, kind, s.provider, s.sealed, now) for kind, s in secrets.items()]
+                with conn.cursor() as cursor:
+                    cursor.executemany("INSERT INTO secrets (account, kind, provider, sealed,"
+                                       " updated) VALUES (%s, %s, %s, %s, %s)", rows)
 
     def save_secret(self, account: str, kind: str, provider: str, sealed: bytes) -> None:
         with self._write(account) as conn:
@@ -272,19 +276,22 @@ class PgStore:
 
     def delete_account(self, name: str) -> None:
         with self._write(name) as conn:
-            conn.execute("DELETE FROM secrets WHERE account = %s", (name,))
-            conn.execute("DELETE FROM status WHERE account = %s", (name,))
-            conn.execute("DELETE FROM accounts WHERE name = %s", (name,))
+            for statement in _DELETE_ACCOUNT:
+                conn.execute(statement, (name,))
 
     # --- cross-instance locks ---------------------------------------------------------------
 
-    def refresh_lock(self, account: str, timeout: float) -> HeldLock:
-        """Wait up to ``timeout`` seconds for the account's refresh lock (rule 3)."""
-        key = _lock_key(account)
+    def _getconn(self) -> psycopg.Connection[Any]:
+        """A pool connection the caller holds (a lock lives as long as its session)."""
         try:
-            conn = self._pool.getconn(timeout=self._timeout)
+            conn: psycopg.Connection[Any] = self._pool.getconn(timeout=self._timeout)
         except PoolTimeout as exc:
             raise StoreError(f"PostgreSQL store {self._where}: {exc}") from None
+        return conn
+
+    def refresh_lock(self, account: str, timeout: float) -> HeldLock:
+        """Wait up to ``timeout`` seconds for the account's refresh lock (rule 3)."""
+        key, conn = _lock_key(account), self._getconn()
         try:
             conn.execute("SELECT set_config('lock_timeout', %s, false)",
                          (f"{max(1, int(timeout * 1000))}ms",))
@@ -303,11 +310,7 @@ class PgStore:
     def maildrop_lock(self, account: str) -> HeldLock | None:
         """The account's POP3 maildrop lock across instances (rule 5), or None when another
         session holds it."""
-        key = _lock_key(account)
-        try:
-            conn = self._pool.getconn(timeout=self._timeout)
-        except PoolTimeout as exc:
-            raise StoreError(f"PostgreSQL store {self._where}: {exc}") from None
+        key, conn = _lock_key(account), self._getconn()
         try:
             row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
                                (LOCK_MAILDROP, key)).fetchone()

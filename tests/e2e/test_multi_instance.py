@@ -38,10 +38,6 @@ from tests.lab.corpus import big_message
 from tests.lab.haproxy import Frontend, LabHAProxy
 from tests.lab.postgres import LabPostgres
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None and
-                                not Path("/usr/sbin/haproxy").exists(),
-                                reason="HAProxy is not installed (apt-get install haproxy)")
-
 
 def _free_port() -> int:
     with socket.socket() as s:

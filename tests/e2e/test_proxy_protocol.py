@@ -23,10 +23,6 @@ from tests.fixtures.imap import PASSWORD, USER, SeededState, Wire, quoted
 from tests.lab import LabDovecot, LabOAuthServer
 from tests.lab.haproxy import Frontend, LabHAProxy
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None and
-                                not Path("/usr/sbin/haproxy").exists(),
-                                reason="HAProxy is not installed (apt-get install haproxy)")
-
 CLIENT_OK, CLIENT_OTHER, DIRECT = "127.0.0.5", "127.0.0.6", "127.0.0.7"
 
 
