@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import urllib.parse
 from pathlib import Path
 
 import trio
@@ -65,6 +66,10 @@ def _register_secrets(config: Config) -> None:
             register_secret(provider.client_secret.get_secret_value())
     if config.admin.token is not None:
         register_secret(config.admin.token.get_secret_value())
+    if config.store.url is not None:  # the PostgreSQL URL and its password
+        url = config.store.url.get_secret_value()
+        register_secret(url)
+        register_secret(urllib.parse.urlsplit(url).password or "")
 
 
 def build(config: Config) -> tuple[GatewayContext, GatewayServer]:

@@ -35,6 +35,7 @@ from .errors import ConfigError, MailgateError, TemporaryFailure
 from .logs import setup_logging
 from .oauth.commands import account_status, authorize, passwd
 from .oauth.migrate import migrate_store
+from .oauth.store import StoreError
 from .workers import run_workers
 
 log = logging.getLogger("mailgate")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc, args.config or default_config_path())
         return EXIT_CONFIG
-    except TemporaryFailure as exc:
+    except (TemporaryFailure, StoreError) as exc:  # StoreError: e.g. PostgreSQL unreachable
         print(f"mailgate: temporary failure: {exc}", file=sys.stderr)
         return EXIT_TEMPORARY
     except MailgateError as exc:
