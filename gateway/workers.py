@@ -73,6 +73,9 @@ def _child(config: Config, config_path: Path, worker: int) -> None:
     """In a forked worker: run the gateway, never return."""
     code = 1
     try:
+        # Until the gateway listens for signals, a reload request must not end the worker
+        # (SIGHUP's default action); SIGTERM/SIGINT may.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         code = trio.run(partial(serve, config, config_path, worker=worker))
     except BaseException as exc:  # a worker must end here, whatever happened

@@ -200,8 +200,19 @@ async def test_pop3_lock_is_exclusive_across_workers_and_dies_with_its_holder(
     assert "died (signal 9); starting it again" in supervisor.log_text()
 
 
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (/proc's SigCgt mask)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 async def test_sighup_and_sigterm_reach_every_worker(supervisor: Supervisor) -> None:
     workers = supervisor.workers()
+    with trio.fail_after(10):  # each worker's gateway is listening for signals
+        while not all(catches(pid, signal.SIGHUP) for pid in workers):
+            await trio.sleep(0.05)
     supervisor.process.send_signal(signal.SIGHUP)
     with trio.fail_after(10):
         while supervisor.log_text().count("SIGHUP: configuration reloaded") < 2:
