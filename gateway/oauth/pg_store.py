@@ -43,6 +43,7 @@ starting together do not race.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import zlib
@@ -87,11 +88,23 @@ _SCHEMA = [
         state   TEXT NOT NULL,
         detail  TEXT NOT NULL,
         updated DOUBLE PRECISION NOT NULL)""",
+    # Remembered client addresses (gateway.defence): HMACs under the store's own key, never
+    # an address in clear.
+    """CREATE TABLE IF NOT EXISTS meta (
+        name  TEXT PRIMARY KEY,
+        value BYTEA NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS trusted_addresses (
+        account   TEXT NOT NULL,
+        digest    BYTEA NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (account, digest))""",
 ]
+ADDRESS_KEY = "address_key"  # the `meta` row holding the key of the address digests
 
 
 #: Deleting an account: its secrets and status first, then the record.
 _DELETE_ACCOUNT = ("DELETE FROM secrets WHERE account = %s", "DELETE FROM status WHERE account = %s",
+                   "DELETE FROM trusted_addresses WHERE account = %s",
                    "DELETE FROM accounts WHERE name = %s")
 
 
@@ -182,6 +195,8 @@ class PgStore:
             conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_SCHEMA,))
             for statement in _SCHEMA:
                 conn.execute(statement)
+            conn.execute("INSERT INTO meta (name, value) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (ADDRESS_KEY, secrets.token_bytes(32)))
 
     def _listen(self) -> None:
         while not self._stop.is_set():
@@ -234,7 +249,33 @@ class PgStore:
                                (account,)).fetchone()
         return AccountStatus(*row) if row else None
 
+    def address_key(self) -> bytes:
+        """The store's own random key for the digests of remembered addresses."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE name = %s", (ADDRESS_KEY,)).fetchone()
+        if row is None:
+            raise StoreError(f"PostgreSQL store {self._where}: no address key")
+        return bytes(row[0])
+
+    def trusted_addresses(self) -> list[tuple[str, bytes, float]]:
+        """Every remembered address: (account, digest, last seen as a Unix time)."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT account, digest, last_seen FROM trusted_addresses")
+            return [(r[0], bytes(r[1]), r[2]) for r in rows]
+
     # --- writes -----------------------------------------------------------------------------
+
+    def remember_address(self, account: str, digest: bytes, last_seen: float,
+                         *, forget_before: float) -> None:
+        """Record that ``digest`` (an address HMAC) logged in as ``account``; the same
+        transaction forgets the account's addresses not seen since ``forget_before``."""
+        with self._write(account) as conn:
+            conn.execute(
+                "INSERT INTO trusted_addresses (account, digest, last_seen) VALUES (%s, %s, %s)"
+                " ON CONFLICT (account, digest) DO UPDATE SET last_seen = excluded.last_seen",
+                (account, digest, last_seen))
+            conn.execute("DELETE FROM trusted_addresses WHERE account = %s AND last_seen < %s",
+                         (account, forget_before))
 
     def save_account(
         self, record: AccountRecord, secrets: dict[str, SealedSecret] | None = None

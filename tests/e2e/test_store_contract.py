@@ -205,3 +205,23 @@ def test_the_maildrop_lock_is_tried_not_waited_for(make_store: StoreFactory) -> 
     again = second.maildrop_lock("alice")
     assert again is not None
     again.release()
+
+
+def test_postgresql_remembers_addresses_as_digests(pg_url: str) -> None:
+    """The remembered-address table of gateway.defence (the same methods as the SQLite
+    store's on the main line): one random key per store, digests only, forgotten with age."""
+    store = PgStore(pg_url, max_connections=2, timeout=3)
+    try:
+        key = store.address_key()
+        assert len(key) == 32
+        again = PgStore(pg_url, max_connections=2, timeout=3)
+        assert again.address_key() == key  # kept across opens
+        again.close()
+        store.save_account(RECORD)
+        store.remember_address("alice", b"\x01digest", 100.0, forget_before=0.0)
+        store.remember_address("alice", b"\x02other", 200.0, forget_before=150.0)
+        assert store.trusted_addresses() == [("alice", b"\x02other", 200.0)]
+        store.delete_account("alice")
+        assert store.trusted_addresses() == []
+    finally:
+        store.close()
