@@ -34,7 +34,7 @@ import trio
 
 from .admin.http import serve_admin
 from .certs import ensure_certificate
-from .config import Config, load_config
+from .config import Config, load_config, per_worker
 from .context import GatewayContext
 from .errors import ConfigError
 from .events import EventBus
@@ -81,6 +81,10 @@ def _register_secrets(config: Config) -> None:
             password = urlsplit(url).password if url else None
             if password:
                 register_secret(password)
+    if config.store.url is not None:  # the PostgreSQL URL and its password
+        url = config.store.url.get_secret_value()
+        register_secret(url)
+        register_secret(urlsplit(url).password or "")
 
 
 def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
@@ -100,7 +104,7 @@ def build(config: Config) -> tuple[GatewayContext, GatewayServer]:
 def reload(server: GatewayServer, config_path: Path) -> bool:
     """Swap in a new config for new sessions; keep the old one if the new one is invalid."""
     try:
-        config = load_config(config_path)
+        config = per_worker(load_config(config_path))
     except ConfigError as exc:
         log.error("SIGHUP: the new configuration was refused, the running one is kept:")
         for problem in exc.problems:
@@ -125,13 +129,16 @@ def reload(server: GatewayServer, config_path: Path) -> bool:
     return True
 
 
-async def serve(config: Config, config_path: Path) -> int:
+async def serve(config: Config, config_path: Path, *, worker: int = 0) -> int:
+    """Run until SIGTERM/SIGINT. ``worker``: this process's number among ``server.workers``
+    (:mod:`gateway.workers`); only worker 0 serves the admin port."""
+    config = per_worker(config)
     ctx, server = build(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         if ctx.notifier is not None:
             await nursery.start(ctx.notifier.run)
-        if config.admin.enabled:
+        if config.admin.enabled and worker == 0:
             await nursery.start(serve_admin, server)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -144,5 +151,6 @@ async def serve(config: Config, config_path: Path) -> int:
         # server.run ends once its sessions are done (or the grace ran out); then the admin plane.
         await server.finished.wait()
         nursery.cancel_scope.cancel()
+    ctx.store.close()
     return 0
 

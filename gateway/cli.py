@@ -35,6 +35,9 @@ from .errors import ConfigError, MailgateError, TemporaryFailure
 from .logs import setup_logging
 from .notify.report import accounts_report
 from .oauth.commands import account_status, authorize, passwd
+from .oauth.migrate import migrate_store
+from .oauth.store import StoreError
+from .workers import run_workers
 
 log = logging.getLogger("mailgate")
 
@@ -72,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("certs", help="create the TLS certificate if missing; print what clients trust")
     p = sub.add_parser("accounts", help="every account: token state and expiry, last error, what to do")
     _flags(p, json="one JSON object, for scripts")
+    sub.add_parser("migrate-store",
+                   help="copy the SQLite state file into the [store] url PostgreSQL database")
 
     p = sub.add_parser("passwd", help="set or change a user's local password")
     p.add_argument("user")
@@ -148,9 +153,15 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    return migrate_store(_load(args), sys.stdout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     _setup_logging(args, config)
+    if config.server.worker_count > 1:
+        return run_workers(config, args.config or default_config_path())
     return trio.run(serve, config, args.config or default_config_path())
 
 
@@ -167,6 +178,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "accounts": cmd_accounts,
     "passwd": cmd_passwd,
     "authorize": cmd_authorize,
+    "migrate-store": cmd_migrate_store,
 }
 
 
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc, args.config or default_config_path())
         return EXIT_CONFIG
-    except TemporaryFailure as exc:
+    except (TemporaryFailure, StoreError) as exc:  # StoreError: e.g. PostgreSQL unreachable
         print(f"mailgate: temporary failure: {exc}", file=sys.stderr)
         return EXIT_TEMPORARY
     except MailgateError as exc:

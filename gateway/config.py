@@ -19,6 +19,7 @@ The models are frozen: a running gateway never mutates its configuration; SIGHUP
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from urllib.parse import urlsplit
 from pathlib import Path
@@ -90,6 +91,25 @@ class _Bound(_Section):
 class ServerSection(_Section):
     state_dir: Path = Path("state")
     hostname: str = "localhost"
+    # Processes sharing the listeners (SO_REUSEPORT) and state_dir; "auto": one per core.
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+
+    @property
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else self.workers
+
+
+class StoreSection(_Section):
+    # Unset: the SQLite file in server.state_dir. "postgresql://user:pw@host/db": a database
+    # several instances share (gateway/oauth/pg_store.py).
+    url: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (or leave it out for SQLite)")
+        return v
 
 
 class TLSSection(_Section):
@@ -110,11 +130,13 @@ class ListenerConfig(_Bound):
     protocol: Literal["imap", "pop3", "smtp"]
     tls: Literal["implicit", "starttls", "none"]
     plaintext_auth_from: Networks = Field(default_factory=list)
+    # Load balancers that must send a PROXY protocol header (gateway/proxied.py).
+    proxy_protocol_from: Networks = Field(default_factory=list)
     # SMTP only (docs/smtp.md): devices on these networks may send without AUTH, as relay_user.
     relay_from: Networks = Field(default_factory=list)
     relay_user: str | None = None
 
-    @field_validator("plaintext_auth_from", "relay_from", mode="before")
+    @field_validator("plaintext_auth_from", "proxy_protocol_from", "relay_from", mode="before")
     @classmethod
     def _networks(cls, v: Any) -> Any:
         if isinstance(v, list):
@@ -302,6 +324,7 @@ class Limits(_Section):
     imap_idle_timeout: float = Field(1800, ge=1800)  # RFC 3501 §5.4: at least 30 minutes
     pop3_idle_timeout: float = Field(600, ge=600)  # RFC 1939: at least 10 minutes
     tls_handshake_timeout: float = Field(30, gt=0)
+    proxy_header_timeout: float = Field(5, gt=0)  # a load balancer's PROXY header, after accept
     upstream_connect_timeout: float = Field(30, gt=0)
     upstream_command_timeout: float = Field(120, gt=0)
     token_request_timeout: float = Field(30, gt=0)
@@ -312,6 +335,7 @@ class Limits(_Section):
     max_line: int = Field(65536, ge=1024)
     max_literal_prelogin: int = Field(8192, ge=512)
     max_literal: int = Field(104_857_600, ge=1024)
+    max_proxy_header: int = Field(4096, ge=232)  # PROXY v2 with its extensions
     # Abuse.
     max_bad_commands_prelogin: int = Field(3, ge=1)
     max_bad_commands: int = Field(20, ge=1)
@@ -342,11 +366,15 @@ class Limits(_Section):
     smtp_upstream_connections_per_account: int = Field(3, ge=1)  # apart from IMAP's
     smtp_command_timeout: float = Field(300, gt=0)  # RFC 5321 §4.5.3.2.7: at least 5 minutes
     smtp_data_timeout: float = Field(600, gt=0)  # a DATA/BDAT block, and the upstream's answer to it
+    # The PostgreSQL store ([store] url).
+    store_connections: int = Field(10, ge=2)  # pooled connections per instance
+    store_timeout: float = Field(10, gt=0)  # waiting for a pooled connection / connecting
 
 
 class Config(_Section):
     path: Path | None = None
     server: ServerSection = ServerSection()
+    store: StoreSection = StoreSection()
     tls: TLSSection = TLSSection()
     logging: LoggingSection = LoggingSection()
     listeners: list[ListenerConfig] = Field(default_factory=list, alias="listener")
@@ -528,6 +556,23 @@ def _check_user_providers(raw: dict[str, Any]) -> list[str]:
                 f"(define [providers.{provider}]; defined: {defined})"
             )
     return problems
+
+
+def per_worker(config: Config) -> Config:
+    """The configuration one of ``server.workers`` processes runs with: the caps that must hold
+    for the whole gateway are divided among the workers (docs/security.md, "Several worker
+    processes"); one worker: unchanged."""
+    n = config.server.worker_count
+    if n == 1:
+        return config
+    limits = config.limits
+    shares = {key: max(1, getattr(limits, key) // n) for key in WORKER_DIVIDED_LIMITS}
+    return config.model_copy(update={"limits": limits.model_copy(update=shares)})
+
+
+#: The limits each of N worker processes gets 1/N of (at least 1).
+WORKER_DIVIDED_LIMITS = ("max_connections", "max_connections_per_ip", "kdf_concurrency",
+                         "upstream_connections_per_account")
 
 
 def load_config(path: str | Path) -> Config:

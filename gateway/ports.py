@@ -39,6 +39,7 @@ __all__ = [
     "AccountView",
     "Accounts",
     "CredentialStore",
+    "HeldLock",
     "KdfRunner",
     "LocalAccount",
     "SmtpConnector",
@@ -168,6 +169,12 @@ class SmtpConnector(Protocol):
     def update_config(self, config: Config) -> None: ...
 
 
+class HeldLock(Protocol):
+    """A cross-process lock the caller holds until :meth:`release` (blocking)."""
+
+    def release(self) -> None: ...
+
+
 class CredentialStore(Protocol):
     """Per-account credentials at rest: verifier, wrapped data key, sealed secrets, status.
 
@@ -210,3 +217,18 @@ class CredentialStore(Protocol):
 
     def remember_address(self, account: str, digest: bytes, last_seen: float,
                          *, forget_before: float) -> None: ...
+
+    def refresh_lock(self, account: str, timeout: float) -> HeldLock:
+        """The account's token-refresh lock, exclusive across every process and instance using
+        this store, released when its holder dies; waits up to ``timeout`` seconds, then
+        raises ``StoreError``."""
+        ...
+
+    def maildrop_lock(self, account: str) -> HeldLock | None:
+        """The account's POP3 maildrop lock (RFC 1939's exclusive access) across every process
+        and instance, released when its holder dies; None when another session holds it."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and threads (a no-op for SQLite)."""
+        ...

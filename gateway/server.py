@@ -15,6 +15,10 @@ line, redacted, with a traceback only at debug level) and the connection is clos
 reaches the nursery, so one broken session can never take the server down. A client that vanishes
 mid-session is an ordinary end, not an error.
 
+On a listener with ``proxy_protocol_from``, :func:`gateway.proxied.client_address` first reads
+a load balancer's PROXY header (or screens a direct client for a forged one): every limit, log
+line and event below sees the client's address it gives.
+
 Limits applied before any protocol byte is read: ``limits.max_connections`` overall and
 ``limits.max_connections_per_ip``; a connection over a limit gets the protocol's own "try later"
 line (``* BYE`` / ``-ERR [SYS/TEMP]``) and is closed.
@@ -43,6 +47,8 @@ from .frontends.imap_session import handle_imap
 from .frontends.pop3_session import handle_pop3
 from .frontends.smtp_session import handle_smtp
 from .net import ClientStream, TLSHandshakeFailed
+from .listeners import open_listeners
+from .proxied import client_address
 
 log = logging.getLogger("mailgate.server")
 
@@ -113,7 +119,9 @@ class GatewayServer:
         try:
             for lst in self.config.listeners:
                 try:
-                    listeners = await trio.open_tcp_listeners(lst.port, host=lst.host)
+                    listeners = await open_listeners(
+                        lst.host, lst.port, reuse_port=self.config.server.worker_count > 1
+                    )
                 except OSError as exc:
                     raise OSError(f"cannot listen on {lst.bind} ({lst.protocol}): {exc.strerror}") from None
                 bound.append((lst, listeners))
@@ -173,8 +181,14 @@ class GatewayServer:
         except OSError:
             await trio.aclose_forcefully(raw)
             return
-        ip = peer[0]
         limits = self.config.limits
+        # Behind a load balancer the client's address comes from its PROXY header.
+        accepted = await client_address(raw, (peer[0], peer[1]), lst, limits)
+        if accepted is None:
+            await trio.aclose_forcefully(raw)
+            return
+        served, client = accepted
+        ip = client[0]
         if self.active >= limits.max_connections or self._per_ip[ip] >= limits.max_connections_per_ip:
             log.warning("refused a connection from %s: too many connections", ip)
             await self._refuse(raw, lst)
@@ -183,8 +197,8 @@ class GatewayServer:
         self._per_ip[ip] += 1
         self._idle = trio.Event() if self.active == 1 else self._idle
         stream = ClientStream(
-            raw,
-            peer=(peer[0], peer[1]),
+            served,
+            peer=client,
             listener=lst,
             ssl_context=self.ssl_context,
             handshake_timeout=limits.tls_handshake_timeout,

@@ -33,7 +33,7 @@ from tests.lab import LabDovecot, LabOAuthServer
 
 pytest_plugins = [
     "tests.fixtures.oauth", "tests.fixtures.imap", "tests.fixtures.pop3", "tests.fixtures.process",
-    "tests.fixtures.smtp",
+    "tests.fixtures.smtp", "tests.fixtures.postgres",
 ]
 
 TESTS = Path(__file__).resolve().parent

@@ -19,7 +19,8 @@ AUTHORIZATION
     otherwise, pointing to STLS only where it is offered, and CAPA then lists neither
     USER nor SASL). QUIT ends the session without entering UPDATE. A login checks the
     local password (``AccountManager.login``), takes the account's exclusive maildrop
-    lock (``-ERR [IN-USE]`` if another POP3 session holds it), logs in upstream and takes
+    lock (the credential store's ``maildrop_lock``, across processes and instances;
+    ``-ERR [IN-USE]`` if another POP3 session holds it), logs in upstream and takes
     the snapshot. Each wait for a line is bounded by ``limits.login_timeout``; after
     ``limits.max_bad_commands_prelogin`` bad commands or failed logins the connection
     is closed.
@@ -58,15 +59,16 @@ from ..errors import (
     TemporaryFailure,
     UpstreamError,
 )
+from ..oauth.store import StoreError
 from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
 from ..upstream.client import CommandFailed, UpstreamIMAP
-from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
+from .pop3_mapping import CommitRefused, Maildrop, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
     from ..net import ClientStream
-    from ..ports import LocalAccount
+    from ..ports import HeldLock, LocalAccount
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -147,7 +149,7 @@ class Pop3Session:
         self.account: LocalAccount | None = None
         self.upstream: UpstreamIMAP | None = None
         self.maildrop: Maildrop | None = None
-        self.lock: MaildropLock | None = None
+        self.lock: HeldLock | None = None  # the store's maildrop lock, across instances
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,9 +185,10 @@ class Pop3Session:
                         await upstream.aclose()
                     except Exception:  # closing a broken upstream: nothing left to do
                         log.debug("pop3 %s: upstream close failed", self.stream.peer, exc_info=True)
-            if self.lock is not None:
-                self.lock.release()
-                self.lock = None
+            if self.lock is not None:  # a store call (PostgreSQL: a round trip), bounded
+                lock, self.lock = self.lock, None
+                with trio.move_on_after(self.limits.logout_timeout):
+                    await trio.to_thread.run_sync(lock.release, abandon_on_cancel=True)
 
     # ------------------------------------------------------------------ I/O
 
@@ -366,9 +369,12 @@ class Pop3Session:
         account = None
         try:
             account = await self.ctx.accounts.login(username, password, peer=self.stream.peer_host)
-            self.lock = MaildropLock(self.ctx.config.server.state_dir, account.name)
-            if not self.lock.acquire():
-                self.lock = None
+            try:
+                self.lock = await trio.to_thread.run_sync(self.ctx.store.maildrop_lock,
+                                                          account.name)
+            except StoreError as exc:
+                raise TemporaryFailure(f"maildrop lock: {exc}") from None
+            if self.lock is None:
                 log.info("pop3 %s: %s already has a POP3 session", self.stream.peer, account.name)
                 self._publish_failure(account.name, "in_use")
                 await self.send(IN_USE)

@@ -45,6 +45,10 @@ function depends on the provider's flow:
   A rotated refresh token is sealed and committed to the store *before* the new access token is
   returned; if that write fails the new refresh token is kept in memory and the write retried
   on the next refresh, so the account is never lost.
+  The refresh runs under the store's per-account refresh lock, across processes and instances,
+  and the access token it obtains is sealed into the store: the next holder uses that token
+  instead of refreshing again (:mod:`gateway.oauth.shared_token`), so a rotating refresh token
+  is never used twice.
 * ``client_credentials``: the client-credentials grant (Microsoft app-only).
 * ``service_account``: a JWT assertion signed with the service account's key, ``sub`` = user.
 
@@ -71,11 +75,12 @@ import trio
 from ..defence import ALLOW, Attempt, AuthThrottle, TrustedAddresses, address_key
 from ..errors import AuthenticationFailed, ReauthorizationRequired, TemporaryFailure
 from ..logs import register_secret
-from . import credentials, grants
+from . import credentials, grants, shared_token
 from .endpoint import OAuthErrorResponse, TokenResponse
 from .jwt import ServiceAccountKey
 from .passwords import CredentialCache, KdfBusy, KdfPool, burn_verification, verify_password
 from .sealing import SealError, read_key_file, seal, unseal
+from .shared_token import ACCESS_TOKEN
 from .store import REFRESH_TOKEN, AccountRecord, StoreError, open_store
 from .tokens import TokenCache
 
@@ -92,6 +97,9 @@ T = TypeVar("T")
 REFRESH_FLOWS = ("authorization_code", "device")
 # OAuth error codes that mean "try again later", not "the grant is gone".
 TEMPORARY_OAUTH_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+#: Seconds a refresh waits for another process's refresh of the same account, beyond one
+#: token request (``limits.token_request_timeout``).
+REFRESH_LOCK_SLACK = 5.0
 STATUS_OK = "ok"
 STATUS_NEEDS_REAUTHORIZATION = "needs_reauthorization"
 AUTH_FAILED_MESSAGE = "authentication failed"
@@ -117,6 +125,7 @@ class Account:
         self._dead_grant: float | None = None  # `updated` of a stored token the IdP refused
         self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
         self._status_written: str | None = None
+        self._rejected: str | None = None  # the access token the upstream server last refused
         self._publish = publish
 
     def __repr__(self) -> str:
@@ -166,6 +175,8 @@ class Account:
         """A valid access token: cached, refreshed before expiry, one token request at a time.
         Raises ReauthorizationRequired / TemporaryFailure (/ AuthenticationFailed when a
         password-sealed account is used before its user logged in)."""
+        if force_refresh and self._tokens.token is not None:
+            self._rejected = self._tokens.token.value
         return await self._tokens.get(force_refresh=force_refresh)
 
     # --- minting ----------------------------------------------------------------------------
@@ -181,7 +192,7 @@ class Account:
                     self.provider, key, subject=self.user.upstream_user, timeout=timeout
                 )
             else:
-                answer = await self._refresh(timeout)
+                answer = await self._refresh_once(timeout)
         except OAuthErrorResponse as exc:
             if exc.error in TEMPORARY_OAUTH_ERRORS:
                 raise TemporaryFailure(f"identity provider: {exc}") from None
@@ -216,6 +227,31 @@ class Account:
         """After a config reload: keep the unlocked data key of the same user and provider."""
         if previous.provider.name == self.provider.name:
             self._data_key = previous._data_key
+
+    async def _refresh_once(self, timeout: float) -> TokenResponse:
+        """A refresh under the store's per-account lock, across processes and instances; a
+        token another holder just obtained is used instead (:mod:`.shared_token`)."""
+        held = await _in_thread(self._store.refresh_lock, self.name, timeout + REFRESH_LOCK_SLACK)
+        try:
+            stored = await _in_thread(self._store.secret, self.name, ACCESS_TOKEN)
+            if stored is not None and stored.provider == self.provider.name:
+                shared = shared_token.open_fresh(
+                    await self._key(), stored.sealed, account=self.name,
+                    provider=self.provider, rejected=self._rejected)
+                if shared is not None:
+                    return shared
+            answer = await self._refresh(timeout)
+            sealed = shared_token.seal_answer(await self._key(), answer, account=self.name,
+                                              provider=self.provider)
+            try:
+                await _in_thread(self._store.save_secret, self.name, ACCESS_TOKEN,
+                                 self.provider.name, sealed)
+            except StoreError as exc:
+                log.warning("account %s: access token not shared: %s", self.name, exc)
+            return answer
+        finally:
+            with trio.CancelScope(shield=True):
+                await _in_thread(held.release)
 
     async def _refresh(self, timeout: float) -> TokenResponse:
         stored = await _in_thread(self._store.secret, self.name, REFRESH_TOKEN)

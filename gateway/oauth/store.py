@@ -30,17 +30,25 @@ in -- never the address in clear. No secret is ever stored in clear.
   can cache what they read and re-read only after a change (see
   :class:`gateway.oauth.accounts.AccountManager`).
 
-:class:`StateStore` is the first implementation of :class:`gateway.ports.CredentialStore`.
+:class:`StateStore` is the first implementation of :class:`gateway.ports.CredentialStore`
+(:class:`gateway.oauth.pg_store.PgStore`, for several instances, the second).
+
+Refresh lock: :meth:`StateStore.refresh_lock` is an ``flock`` on
+``state_dir/refresh/<account>.lock``, so the processes sharing a state directory (``[server]
+workers``, ``mailgate authorize`` beside a running gateway) refresh an account's token one at a
+time; the kernel releases it when its holder dies.
 :func:`open_store` is the one place a store is made from the configuration: the gateway
 (:func:`gateway.app.build_context`), the commands and ``mailgate check`` all call it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -52,6 +60,9 @@ if TYPE_CHECKING:
     from ..ports import CredentialStore
 
 STATE_DB_NAME = "mailgate.sqlite3"
+REFRESH_LOCK_DIR = "refresh"  # under state_dir: one lock file per account
+MAILDROP_LOCK_DIR = "pop3"  # under state_dir: the POP3 maildrop locks
+LOCK_POLL = 0.02  # seconds between attempts while another process holds a refresh lock
 #: Where SQLite keeps its 4-byte big-endian file change counter in the database header.
 CHANGE_COUNTER_OFFSET = 24
 BUSY_TIMEOUT = 10.0  # seconds a writer waits for another writer
@@ -132,6 +143,19 @@ class StoreError(Exception):
     """The state file cannot be opened, read or written."""
 
 
+class FileLock:
+    """An exclusive ``flock`` on an open file: held until :meth:`release` or the holder's
+    death (the kernel drops it with the process, ``kill -9`` included)."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the flock
+
+
 class StateStore:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / STATE_DB_NAME
@@ -189,6 +213,42 @@ class StateStore:
                 db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"state file {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own connection."""
+
+    def refresh_lock(self, account: str, timeout: float) -> FileLock:
+        """The account's token-refresh lock, shared by every process using this state
+        directory (``state_dir/refresh/<account>.lock``); waits up to ``timeout`` seconds,
+        then raises StoreError."""
+        held = self._flock(REFRESH_LOCK_DIR, account, timeout)
+        if held is None:
+            raise StoreError(f"refresh lock of {account}: still held after {timeout:.0f} s")
+        return held
+
+    def maildrop_lock(self, account: str) -> FileLock | None:
+        """The account's POP3 maildrop lock (``state_dir/pop3/<account>.lock``, the file the
+        POP3 front end always used), or None when another session holds it."""
+        return self._flock(MAILDROP_LOCK_DIR, account, 0.0)
+
+    def _flock(self, subdir: str, account: str, timeout: float) -> FileLock | None:
+        directory = self.path.parent / subdir
+        path = directory / (urllib.parse.quote(account, safe="") + ".lock")
+        deadline = time.monotonic() + timeout
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"lock {path}: {exc.strerror}") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return FileLock(fd)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(LOCK_POLL)
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -323,6 +383,13 @@ class StateStore:
 
 
 def open_store(config: Config) -> CredentialStore:
-    """The credential store the configuration names (today: the SQLite file in
-    ``server.state_dir``). Raises :class:`StoreError` when it cannot be opened."""
+    """The credential store the configuration names: PostgreSQL with ``[store] url``, else the
+    SQLite file in ``server.state_dir``. Raises :class:`StoreError` when it cannot be opened.
+    Callers that run long ``close()`` it when done."""
+    if config.store.url is not None:
+        from .pg_store import PgStore  # here: pg_store builds on this module's records
+
+        return PgStore(config.store.url.get_secret_value(),
+                       max_connections=config.limits.store_connections,
+                       timeout=config.limits.store_timeout)
     return StateStore(config.server.state_dir)

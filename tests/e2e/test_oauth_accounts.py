@@ -114,9 +114,11 @@ async def test_tokens_are_registered_for_redaction_and_wrong_passwords_are_not(i
 async def test_rotated_refresh_token_is_persisted_across_a_restart(idp, seeded):
     config, first_refresh = seeded
     idp.rotate_refresh_tokens = True
+    idp.access_token_lifetime = 1  # so that the restarted manager cannot reuse the shared one
     account = await AccountManager(config).login("alice", PASSWORD)
     await account.access_token()  # refresh: the IdP rotates and kills the first token
     before = StateStore(config.server.state_dir).secret("alice", REFRESH_TOKEN)
+    await trio.sleep(0.6)  # past half the shared access token's life (gateway/oauth/shared_token.py)
     # "restart": a new manager with nothing in memory
     restarted = AccountManager(config)
     account = await restarted.login("alice", PASSWORD)
