@@ -54,6 +54,7 @@ from ..protocol.imap_responses import (
     ResponseFramer,
     capabilities_of,
 )
+from ..tls import TLSStream
 from .transport import RECEIVE_SIZE, DetachedStream, SlotLike, more_decrypted, tls_failure
 
 log = logging.getLogger("mailgate.upstream")
@@ -310,7 +311,10 @@ class IMAPConnection:
         (await self.command(b"STARTTLS")).check()
         if self._events or not self._framer.at_boundary:
             raise self.fail(f"{self.where} sent data after STARTTLS before the TLS handshake")
-        self._stream = trio.SSLStream(self._stream, tls, server_hostname=server_hostname, https_compatible=False)
+        if isinstance(self._stream, trio.SocketStream):
+            self._stream = TLSStream(self._stream, tls, server_hostname=server_hostname)
+        else:
+            self._stream = trio.SSLStream(self._stream, tls, server_hostname=server_hostname, https_compatible=False)
         await self.handshake()
         self._framer = self._new_framer()
         self.capabilities = frozenset()
@@ -318,7 +322,7 @@ class IMAPConnection:
 
     async def handshake(self) -> None:
         """The TLS handshake of an implicit-TLS (or just upgraded) connection."""
-        assert isinstance(self._stream, trio.SSLStream)
+        assert isinstance(self._stream, (TLSStream, trio.SSLStream))
         try:
             with trio.fail_after(self._timeout):
                 await self._stream.do_handshake()

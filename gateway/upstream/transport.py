@@ -9,7 +9,7 @@ Everything here is about bytes, not IMAP:
   parses every CA certificate, which with the system store took about 200 ms of CPU on the
   benchmark machine -- on the event loop, for every upstream login (docs/performance.md).
 * :func:`open_stream` opens the TCP connection (``TCP_NODELAY``) and, for implicit TLS, wraps
-  it in a ``trio.SSLStream`` (the handshake is the caller's, under its deadline).
+  it in a :class:`~gateway.tls.TLSStream` (the handshake is the caller's, under its deadline).
 * :func:`receive` is one read of up to :data:`RECEIVE_SIZE` bytes that also takes every whole
   TLS record already decrypted, without waiting (a TLS read returns one 16 KiB record at most).
 * :func:`tls_failure` turns a failed handshake into a readable :class:`UpstreamError`
@@ -30,6 +30,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..net import take_decrypted
+from ..tls import TLSStream
 
 __all__ = [
     "RECEIVE_SIZE",
@@ -99,7 +100,7 @@ async def open_stream(host: str, port: int, tls_ctx: ssl.SSLContext | None) -> t
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls_ctx is None:
         return tcp
-    return trio.SSLStream(tcp, tls_ctx, server_hostname=host, https_compatible=False)
+    return TLSStream(tcp, tls_ctx, server_hostname=host)
 
 
 def more_decrypted(stream: trio.abc.Stream, data: bytes | bytearray, limit: int = RECEIVE_SIZE) -> bytes | bytearray:
@@ -121,6 +122,7 @@ class DetachedStream(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream, slot: SlotLike | None):
         self._stream = stream
         self._slot = slot
+        self._takes_records = isinstance(stream, trio.SSLStream)  # a TLSStream takes them itself
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)
@@ -129,6 +131,8 @@ class DetachedStream(trio.abc.Stream):
         await self._stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._takes_records:
+            return await self._stream.receive_some(max_bytes or RECEIVE_SIZE)
         return await receive(self._stream, max_bytes or RECEIVE_SIZE)
 
     async def aclose(self) -> None:
