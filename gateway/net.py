@@ -45,7 +45,8 @@ def take_decrypted(stream: trio.abc.Stream, limit: int) -> bytes:
     record raises SSLWantReadError and stays for trio's next read; anything else stops here and
     is seen by trio's next read as usual.
     """
-    obj = getattr(stream, "_ssl_object", None) if isinstance(stream, trio.SSLStream) else None
+    # (An exact type check: this runs once per read, and isinstance of an ABC is not free.)
+    obj = getattr(stream, "_ssl_object", None) if type(stream) is trio.SSLStream else None
     if obj is None or limit <= 0:
         return b""
     parts = []
