@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("old_tree", type=Path, help="checkout of the A (old) version")
     parser.add_argument("--rounds", type=int, default=1000, help="small FETCH round trips")
     parser.add_argument("--transfers", type=int, default=7, help="20 MB transfers per side")
-    parser.add_argument("--only", default="small,fetch,retr")
+    parser.add_argument("--idle", type=int, default=300, help="idle sessions per side")
+    parser.add_argument("--only", default="small,fetch,retr",
+                        help="comma-separated: small, fetch, retr, idle (idle best alone: "
+                             "memory freed by the others hides part of its cost)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--py-spy", default="py-spy")
     parser.add_argument("--attach", metavar="CMD",
@@ -136,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
             return client
 
         sides = ("direct", "A", "B")
+        profiler = None
+        out = workdir.parent / "ab-profile.txt"
+        pid = str(gateways["B"][0].pid)
+        if args.attach:
+            profiler = subprocess.Popen(
+                [w.replace("{pid}", pid).replace("{out}", str(out))
+                 for w in args.attach.split()],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        elif args.profile:
+            profiler = subprocess.Popen(
+                [args.py_spy, "record", "--nonblocking", "--gil", "--format", "raw", "--rate",
+                 "1000", "-o", str(out), "--pid", pid],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         if "small" in only:
             sessions = {s: imap(s, users[0]) for s in sides}
 
@@ -147,21 +165,6 @@ def main(argv: list[str] | None = None) -> int:
                 return run
 
             runners = {s: fetch_once(sessions[s]) for s in sides}
-            profiler = None
-            out = workdir.parent / "ab-profile.txt"
-            pid = str(gateways["B"][0].pid)
-            if args.attach:
-                profiler = subprocess.Popen(
-                    [w.replace("{pid}", pid).replace("{out}", str(out))
-                     for w in args.attach.split()],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.0)
-            elif args.profile:
-                profiler = subprocess.Popen(
-                    [args.py_spy, "record", "--nonblocking", "--gil", "--format", "raw", "--rate",
-                     "1000", "-o", str(out), "--pid", pid],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1.0)
             cpu_before = {s: procstat.cpu_times(gateways[s][0].pid) for s in ("A", "B")}
             samples = _round_robin(args.rounds, runners)
             cpu = {}
@@ -169,10 +172,6 @@ def main(argv: list[str] | None = None) -> int:
                 user1, sys1 = procstat.cpu_times(gateways[s][0].pid)
                 cpu[s] = ((user1 - user0) * 1000 / (args.rounds + 20),
                           (sys1 - sys0) * 1000 / (args.rounds + 20))
-            if profiler is not None:
-                profiler.send_signal(2)
-                profiler.wait(30)
-                print(f"profile of B: {workdir.parent / 'ab-profile.txt'}")
             print("small FETCH round trip, ms")
             for s in sides:
                 used = (f"  mailgate CPU/round trip: user {cpu[s][0]:.3f} + system "
@@ -180,6 +179,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {s:6s} {_stats(samples[s])}{used}")
             for s in sessions.values():
                 s.logout()
+        if "idle" in only:
+            # Idle IMAP sessions (LOGIN, SELECT, IDLE) opened alternately on A and B: RSS
+            # growth per session (figure 8's measure, both versions in one run).
+            rss_before = {s: procstat.rss_kib(gateways[s][0].pid) for s in ("A", "B")}
+            idle: dict[str, list[IMAPClient]] = {"A": [], "B": []}
+            for _ in range(args.idle):
+                for s in ("A", "B"):
+                    client = imap(s, users[0])
+                    client.idle()
+                    idle[s].append(client)
+            time.sleep(1.0)
+            print(f"{args.idle} idle IMAP sessions per side: RSS growth per session")
+            for s in ("A", "B"):
+                grown = procstat.rss_kib(gateways[s][0].pid) - rss_before[s]
+                print(f"  {s:6s} {grown * 1024 / 1000 / args.idle:6.1f} KB")
+            for clients_ in idle.values():
+                for client in clients_:
+                    client.close()
         for kind in ("fetch", "retr"):
             if kind not in only:
                 continue
@@ -228,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"  ratio to direct {median(r) / median(rates['direct']):.2f}{used}")
             for c in clients.values():
                 c.close()
+        if profiler is not None:
+            profiler.send_signal(2)
+            profiler.wait(30)
+            print(f"profile of B: {out}")
     print("load average before: %.1f/%.1f/%.1f, after: %.1f/%.1f/%.1f" %
           (*load_before, *os.getloadavg()))
     return 0
