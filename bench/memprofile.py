@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memprofile")
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--group", default="lineno", choices=["lineno", "filename"])
     args = parser.parse_args(argv)
     import trio
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 heap1 = heap_in_use()
                 snap1 = tracemalloc.take_snapshot()
                 n = args.sessions
-                stats = snap1.compare_to(snap0, "lineno")
+                stats = snap1.compare_to(snap0, args.group)
                 python = sum(s.size_diff for s in stats)
                 report.append(f"{n} idle sessions; per session: C heap +{(heap1 - heap0) / n / 1024:.1f}"
                               f" KiB, of which Python objects +{python / n / 1024:.1f} KiB "

@@ -55,6 +55,10 @@ class TLSStream(trio.abc.Stream):
 
     Call :meth:`do_handshake` first (under the caller's deadline)."""
 
+    # Two per relayed session, most of them idle: no instance dict.
+    __slots__ = ("transport_stream", "_fd", "_incoming", "_outgoing", "_obj", "_writing",
+                 "_writer_done", "_broken", "_closed", "_shut", "_tickets")
+
     def __init__(
         self,
         transport: trio.SocketStream,
@@ -72,10 +76,11 @@ class TLSStream(trio.abc.Stream):
             server_hostname=server_hostname,
         )
         self._writing = False  # a task is sending ciphertext
-        self._writer_done = trio.lowlevel.ParkingLot()
+        self._writer_done: trio.lowlevel.ParkingLot | None = None  # tasks waiting for it
         self._broken = False
         self._closed = False
         self._shut = False  # the peer's close_notify was read
+        self._tickets = b""  # TLS 1.3 session tickets held back until our first write
 
     @property
     def ssl_object(self) -> ssl.SSLObject:
@@ -99,13 +104,16 @@ class TLSStream(trio.abc.Stream):
         """Send every byte of ciphertext OpenSSL has produced; returns whether it waited."""
         waited = False
         while self._writing:
+            if self._writer_done is None:
+                self._writer_done = trio.lowlevel.ParkingLot()
             await self._writer_done.park()
             waited = True
         out = self._outgoing
         if not out.pending:
             return waited
         self._writing = True
-        pending = memoryview(out.read())
+        pending = memoryview(self._tickets + out.read() if self._tickets else out.read())
+        self._tickets = b""
         try:
             while True:
                 try:
@@ -127,7 +135,7 @@ class TLSStream(trio.abc.Stream):
             raise
         finally:
             self._writing = False
-            if self._writer_done:
+            if self._writer_done:  # (None or empty: nobody waits)
                 self._writer_done.unpark_all()
 
     def _decrypt(self, limit: int) -> bytes | None:
@@ -205,6 +213,11 @@ class TLSStream(trio.abc.Stream):
                 except trio.BrokenResourceError:
                     pass
                 raise self._break(exc) from exc
+            if self._obj.server_side and self._obj.version() == "TLSv1.3":
+                # The session tickets OpenSSL writes right after the handshake go out with
+                # our first data, as trio.SSLStream does: a client that closes without
+                # reading them would otherwise make its kernel reset the connection.
+                self._tickets = self._outgoing.read()
             await self._flush()
             return
 
