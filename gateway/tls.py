@@ -177,20 +177,20 @@ class TLSStream(trio.abc.Stream):
     async def _fill(self) -> bool:
         """Read ciphertext into OpenSSL (end of stream included); returns whether it waited."""
         waited = False
-        while True:
+        chunk: bytes | None = None
+        while chunk is None:
             try:
                 chunk = os.read(self._fd, READ_SIZE)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._fd)
                 waited = True
-                continue
             except OSError as exc:
                 raise self._break(exc) from exc
-            if chunk:
-                self._incoming.write(chunk)
-            else:
-                self._incoming.write_eof()
-            return waited
+        if chunk:
+            self._incoming.write(chunk)
+        else:
+            self._incoming.write_eof()
+        return waited
 
     # -- the trio.abc.Stream interface
 
