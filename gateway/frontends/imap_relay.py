@@ -145,7 +145,9 @@ class ImapRelay:
         self.framer.receive_data(client_buffered)
         self.scanner = ResponseScanner(max_line=limits.max_line)
         self._out_lock = trio.Lock()
-        self._upstream_said = trio.Event()  # set on each "+" and tagged response
+        # Set on each "+" and tagged response while the client task waits for one (made only
+        # then: most sessions never wait, and an idle session should hold no more than it must).
+        self._upstream_said: trio.Event | None = None
         self._end: _End | None = None
         # The watchdog's clocks (None: not running): a client read, a client write, an
         # upstream read that must see data (a command or response is outstanding).
@@ -316,8 +318,9 @@ class ImapRelay:
                 out.clear()
                 with trio.move_on_after(self.limits.upstream_command_timeout):
                     while self.state.awaiting_continuation:
-                        await self._upstream_said.wait()
-                        self._upstream_said = trio.Event()
+                        self._upstream_said = said = trio.Event()
+                        await said.wait()
+                self._upstream_said = None
                 if self.state.awaiting_continuation:
                     raise _End("upstream_timeout", "Upstream server did not answer in time.")
             if len(out) >= WRITE_BATCH:
@@ -402,11 +405,13 @@ class ImapRelay:
         """Report a continuation/tagged/BYE line to the state; return what to relay for it."""
         if isinstance(event, Continuation):
             relay = self.state.continuation()
-            self._upstream_said.set()
+            if self._upstream_said is not None:
+                self._upstream_said.set()
             return event.data if relay else b""
         if isinstance(event, Tagged):
             due = self.state.tagged(event.tag, event.status)
-            self._upstream_said.set()
+            if self._upstream_said is not None:
+                self._upstream_said.set()
             if event.status != b"OK":
                 self._advise(event.data)
             return event.data + due if due else event.data
