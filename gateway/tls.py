@@ -119,6 +119,8 @@ class TLSStream(trio.abc.Stream):
                 try:
                     sent = os.write(self._fd, pending)
                 except BlockingIOError:
+                    sent = -1
+                if sent < 0:  # (waited for outside the except block, see _fill)
                     await trio.lowlevel.wait_writable(self._fd)
                     waited = True
                     continue
@@ -177,15 +179,18 @@ class TLSStream(trio.abc.Stream):
     async def _fill(self) -> bool:
         """Read ciphertext into OpenSSL (end of stream included); returns whether it waited."""
         waited = False
-        chunk: bytes | None = None
-        while chunk is None:
+        while True:
             try:
                 chunk = os.read(self._fd, READ_SIZE)
+                break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                waited = True
+                pass
             except OSError as exc:
                 raise self._break(exc) from exc
+            # Waited for outside the except block: a task suspended inside one keeps the
+            # exception and its traceback alive (about 1 KiB per idle connection).
+            await trio.lowlevel.wait_readable(self._fd)
+            waited = True
         if chunk:
             self._incoming.write(chunk)
         else:
