@@ -41,7 +41,7 @@ client gets ``* BYE`` between responses, or sees the connection end inside one).
 The timeouts are kept by a third task, the watchdog: the data path only notes when a read or
 write began (a clock per wait), and the watchdog sleeps until the earliest deadline, wakes,
 and ends the session or sleeps again. A cancel scope per read and write would cost more than
-all the rest of the relay's work in a small round trip (docs/performance.md, issue 15).
+all the rest of the relay's work in a small round trip (docs/performance.md, "The relay hot path").
 
 Endings: the client leaves or times out → the upstream session is logged out (bounded by
 ``limits.logout_timeout``) and closed. The upstream closes (after the client's LOGOUT, or on its
