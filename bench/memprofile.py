@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.sessions
                 stats = snap1.compare_to(snap0, args.group)
                 python = sum(s.size_diff for s in stats)
-                report.append(f"{n} idle sessions; per session: C heap +{(heap1 - heap0) / n / 1024:.1f}"
-                              f" KiB, of which Python objects +{python / n / 1024:.1f} KiB "
+                report.append(f"{n} idle sessions; per session: C heap "
+                              f"+{(heap1 - heap0) / n / 1024:.1f} KiB, of which Python "
+                              f"objects +{python / n / 1024:.1f} KiB "
                               f"(the rest: OpenSSL and other C allocations)")
                 report.append("Python allocations per session, by line:")
                 for stat in stats[:args.top]:

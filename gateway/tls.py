@@ -6,7 +6,8 @@ Theory of operation
 BIOs) over the file descriptor of a ``trio.SocketStream``. It does what ``trio.SSLStream`` does
 for a relay, with fewer trips through the scheduler: a relayed small round trip crosses four TLS
 operations, and ``SSLStream``'s general machinery (locks, conflict detectors, a checkpoint per
-socket call) was most of mailgate's CPU time per round trip (docs/performance.md, "The relay hot path").
+socket call) was most of mailgate's CPU time per round trip (docs/performance.md, "The relay
+hot path").
 
 Rules:
 
