@@ -58,7 +58,7 @@ class TLSStream(trio.abc.Stream):
 
     # Two per relayed session, most of them idle: no instance dict.
     __slots__ = ("transport_stream", "_fd", "_incoming", "_outgoing", "_obj", "_writing",
-                 "_writer_done", "_broken", "_closed", "_shut", "_tickets")
+                 "_writer_done", "_broken", "_closed", "_shut", "_tickets", "_drained")
 
     def __init__(
         self,
@@ -82,6 +82,7 @@ class TLSStream(trio.abc.Stream):
         self._closed = False
         self._shut = False  # the peer's close_notify was read
         self._tickets = b""  # TLS 1.3 session tickets held back until our first write
+        self._drained = False  # the last read returned less than asked: the socket was empty
 
     @property
     def ssl_object(self) -> ssl.SSLObject:
@@ -180,6 +181,9 @@ class TLSStream(trio.abc.Stream):
     async def _fill(self) -> bool:
         """Read ciphertext into OpenSSL (end of stream included); returns whether it waited."""
         waited = False
+        if self._drained:  # the last read emptied the socket: wait, rather than fail a read
+            await trio.lowlevel.wait_readable(self._fd)
+            waited = True
         while True:
             try:
                 chunk = os.read(self._fd, READ_SIZE)
@@ -192,6 +196,7 @@ class TLSStream(trio.abc.Stream):
             # exception and its traceback alive (about 1 KiB per idle connection).
             await trio.lowlevel.wait_readable(self._fd)
             waited = True
+        self._drained = len(chunk) < READ_SIZE
         if chunk:
             self._incoming.write(chunk)
         else:
