@@ -693,5 +693,5 @@ def capabilities_of(response: Response) -> frozenset[str] | None:
 @functools.lru_cache(maxsize=64)
 def _capability_set(atoms: bytes) -> frozenset[str]:
     """One shared set per distinct capability list: every session of a provider keeps the
-    same ~40 strings (about 4 KiB each, docs/performance.md)."""
+    same ~40 strings (about 4 KiB per session, docs/performance.md)."""
     return frozenset(a.decode("ascii", "replace").upper() for a in atoms.split())
