@@ -28,6 +28,7 @@ import time
 import trio
 
 from .config import ListenerConfig
+from .tls import TLSStream
 
 RECEIVE_SIZE = 65536  # SSLStream returns at most one 16 KiB record per call; plain TCP more.
 
@@ -44,7 +45,8 @@ def take_decrypted(stream: trio.abc.Stream, limit: int) -> bytes:
     record raises SSLWantReadError and stays for trio's next read; anything else stops here and
     is seen by trio's next read as usual.
     """
-    obj = getattr(stream, "_ssl_object", None) if isinstance(stream, trio.SSLStream) else None
+    # (An exact type check: this runs once per read, and isinstance of an ABC is not free.)
+    obj = getattr(stream, "_ssl_object", None) if type(stream) is trio.SSLStream else None
     if obj is None or limit <= 0:
         return b""
     parts = []
@@ -80,6 +82,7 @@ class ClientStream:
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
         self.tls_active = False
+        self._takes_records = False  # a trio.SSLStream: take_decrypted after each read
         self.bytes_in = 0
         self.bytes_out = 0
         self.opened_at = time.time()
@@ -100,7 +103,7 @@ class ClientStream:
             return b""
         # trio's socket and TLS streams return bytes (the type allows a bytearray): no copy.
         data = received if isinstance(received, bytes) else bytes(received)
-        if data and self.tls_active and len(data) < max_bytes:
+        if data and self._takes_records and len(data) < max_bytes:
             data += take_decrypted(self._stream, max_bytes - len(data))
         self.bytes_in += len(data)
         return data
@@ -115,7 +118,11 @@ class ClientStream:
             raise RuntimeError("TLS is already active")
         if self._ssl_context is None:
             raise RuntimeError("this listener has no TLS context")
-        tls = trio.SSLStream(self._stream, self._ssl_context, server_side=True)
+        tls: TLSStream | trio.SSLStream[trio.abc.Stream]
+        if isinstance(self._stream, trio.SocketStream):  # a real connection (gateway/tls.py)
+            tls = TLSStream(self._stream, self._ssl_context, server_side=True)
+        else:
+            tls = trio.SSLStream(self._stream, self._ssl_context, server_side=True)
         try:
             with trio.fail_after(self._handshake_timeout):
                 await tls.do_handshake()
@@ -125,6 +132,7 @@ class ClientStream:
             raise TLSHandshakeFailed(f"TLS handshake failed: {exc.__cause__ or exc}") from None
         self._stream = tls
         self.tls_active = True
+        self._takes_records = isinstance(tls, trio.SSLStream)  # a TLSStream takes them itself
 
     def plaintext_auth_allowed(self) -> bool:
         """Password logins are allowed over TLS, or from the listener's plaintext networks."""

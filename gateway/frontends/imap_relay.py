@@ -38,6 +38,11 @@ a response is half received, the upstream must send something within
 ``limits.upstream_command_timeout``; otherwise the session ends as ``upstream_timeout`` (the
 client gets ``* BYE`` between responses, or sees the connection end inside one).
 
+The timeouts are kept by a third task, the watchdog: the data path only notes when a read or
+write began (a clock per wait), and the watchdog sleeps until the earliest deadline, wakes,
+and ends the session or sleeps again. A cancel scope per read and per write (three per small
+round trip) was ~8% of a round trip's CPU (docs/performance.md, "The relay hot path").
+
 Endings: the client leaves or times out → the upstream session is logged out (bounded by
 ``limits.logout_timeout``) and closed. The upstream closes (after the client's LOGOUT, or on its
 own, or breaks) → the client gets ``* BYE`` unless the upstream sent one, or unless the break
@@ -140,9 +145,18 @@ class ImapRelay:
         self.framer.receive_data(client_buffered)
         self.scanner = ResponseScanner(max_line=limits.max_line)
         self._out_lock = trio.Lock()
-        self._upstream_said = trio.Event()  # set on each "+" and tagged response
+        # Set on each "+" and tagged response while the client task waits for one (made only
+        # then: most sessions never wait, and an idle session should hold no more than it must).
+        self._upstream_said: trio.Event | None = None
         self._end: _End | None = None
-        self._upstream_wait: trio.CancelScope | None = None  # the upstream read in progress
+        # The watchdog's clocks (None: not running): a client read, a client write, an
+        # upstream read that must see data (a command or response is outstanding).
+        self._client_wait_since: float | None = None
+        self._client_send_since: float | None = None
+        self._upstream_receiving = False
+        self._stall_since: float | None = None
+        self._watch: trio.CancelScope | None = None  # the watchdog's sleep
+        self._watch_at = float("inf")  # ... and when it ends
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,6 +166,7 @@ class ImapRelay:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guard, self._client_to_upstream, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._upstream_to_client, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._watchdog, nursery.cancel_scope)
             end = self._end or _End("closed")
             await self._finish(end)
             return end.outcome
@@ -213,11 +228,57 @@ class ImapRelay:
             await self._send_client(data)
 
     async def _send_client(self, data: bytes | bytearray) -> None:
-        """Write to the client; one that reads nothing for ``imap_idle_timeout`` is dropped."""
-        with trio.move_on_after(self.limits.imap_idle_timeout) as scope:
+        """Write to the client; one that reads nothing for ``imap_idle_timeout`` is dropped
+        (by the :meth:`_watchdog`)."""
+        self._client_send_since = since = trio.current_time()
+        self._wake_watchdog(since + self.limits.imap_idle_timeout)
+        try:
             await self.client.send_all(data)
-        if scope.cancelled_caught:
-            raise _End("client_stuck")
+        finally:
+            self._client_send_since = None
+
+    # ------------------------------------------------------------------ timeouts
+
+    async def _watchdog(self) -> None:
+        """Enforce the relay's timeouts from the clocks the data path sets (instead of a cancel
+        scope per read and per write, see the module docstring): a client
+        read waiting ``imap_idle_timeout`` → ``timeout``; a client write blocked as long →
+        ``client_stuck``; an upstream read waiting ``upstream_command_timeout`` while a command
+        or a response is outstanding → ``upstream_timeout``. It sleeps until the earliest
+        deadline; a clock armed earlier than that wakes it (:meth:`_wake_watchdog`)."""
+        limits = self.limits
+        while True:
+            now = trio.current_time()
+            due = float("inf")
+            if self._client_wait_since is not None:
+                at = self._client_wait_since + limits.imap_idle_timeout
+                if at <= now:
+                    raise _End("timeout", "Autologout: idle for too long.")
+                due = min(due, at)
+            if self._client_send_since is not None:
+                at = self._client_send_since + limits.imap_idle_timeout
+                if at <= now:
+                    raise _End("client_stuck")
+                due = min(due, at)
+            if self._stall_since is not None:
+                at = self._stall_since + limits.upstream_command_timeout
+                if at <= now:
+                    log.warning("imap %s: %s: upstream sent nothing for %gs (limits.upstream_"
+                                "command_timeout) while a command was outstanding",
+                                self.client.peer, self.user, limits.upstream_command_timeout)
+                    raise _End("upstream_timeout", "Upstream server did not answer in time.")
+                due = min(due, at)
+            self._watch_at = due
+            with trio.CancelScope(deadline=due) as self._watch:
+                await trio.sleep_forever()
+            self._watch = None
+
+    def _wake_watchdog(self, at: float) -> None:
+        """A clock now runs out at ``at``: make the watchdog look by then."""
+        if at < self._watch_at:
+            self._watch_at = at
+            if self._watch is not None:
+                self._watch.deadline = at
 
     # ------------------------------------------------------------------ client → upstream
 
@@ -228,10 +289,10 @@ class ImapRelay:
             if out:
                 await self._send_upstream(out)
                 out = bytearray()
-            with trio.move_on_after(self.limits.imap_idle_timeout) as idle:
-                data = await self.client.receive_some(RECEIVE_SIZE)
-            if idle.cancelled_caught:
-                raise _End("timeout", "Autologout: idle for too long.")
+            self._client_wait_since = since = trio.current_time()
+            self._wake_watchdog(since + self.limits.imap_idle_timeout)
+            data = await self.client.receive_some(RECEIVE_SIZE)
+            self._client_wait_since = None
             if not data:
                 # A client that sent LOGOUT may close as soon as it has read the tagged OK,
                 # before the upstream closes: that is still a logout, not a vanished client.
@@ -257,8 +318,9 @@ class ImapRelay:
                 out.clear()
                 with trio.move_on_after(self.limits.upstream_command_timeout):
                     while self.state.awaiting_continuation:
-                        await self._upstream_said.wait()
-                        self._upstream_said = trio.Event()
+                        self._upstream_said = said = trio.Event()
+                        await said.wait()
+                self._upstream_said = None
                 if self.state.awaiting_continuation:
                     raise _End("upstream_timeout", "Upstream server did not answer in time.")
             if len(out) >= WRITE_BATCH:
@@ -296,7 +358,10 @@ class ImapRelay:
                 if batch:
                     # Held from the first byte received: nothing of mailgate's may pass it.
                     if not holding:
-                        await self._out_lock.acquire()
+                        try:
+                            self._out_lock.acquire_nowait()  # no scheduler trip when free
+                        except trio.WouldBlock:
+                            await self._out_lock.acquire()
                         holding = True
                     if len(batch) >= WRITE_BATCH or self.scanner.at_boundary:
                         await self._send_client(batch)
@@ -310,29 +375,26 @@ class ImapRelay:
 
     def _arm_stall_deadline(self) -> None:
         """While a command waits for its answer (or a response is half received), the upstream
-        must send something within ``limits.upstream_command_timeout``."""
-        scope = self._upstream_wait
-        waiting = self.state.upstream_owes or not self.scanner.at_boundary
-        if scope is not None and waiting and scope.deadline == float("inf"):
-            scope.deadline = trio.current_time() + self.limits.upstream_command_timeout
+        must send something within ``limits.upstream_command_timeout`` (from the start of the
+        read, or from the command that made it owe one)."""
+        if not self._upstream_receiving or self._stall_since is not None:
+            return
+        if self.state.upstream_owes or not self.scanner.at_boundary:
+            self._stall_since = since = trio.current_time()
+            self._wake_watchdog(since + self.limits.upstream_command_timeout)
 
     async def _receive_upstream(self) -> bytes:
+        self._upstream_receiving = True
+        self._arm_stall_deadline()
         try:
-            with trio.CancelScope() as stalled:
-                self._upstream_wait = stalled
-                self._arm_stall_deadline()
-                received = await self._up_stream.receive_some(RECEIVE_SIZE)
-                # trio's TLS stream returns bytes (the type allows a bytearray): no copy.
-                data = received if isinstance(received, bytes) else bytes(received)
+            received = await self._up_stream.receive_some(RECEIVE_SIZE)
+            # The TLS streams return bytes (the type allows a bytearray): no copy.
+            data = received if isinstance(received, bytes) else bytes(received)
         except (*_UPSTREAM_GONE, OSError):
             data = b""
         finally:
-            self._upstream_wait = None
-        if stalled.cancelled_caught:
-            log.warning("imap %s: %s: upstream sent nothing for %gs (limits.upstream_command_"
-                        "timeout) while a command was outstanding", self.client.peer, self.user,
-                        self.limits.upstream_command_timeout)
-            raise _End("upstream_timeout", "Upstream server did not answer in time.")
+            self._upstream_receiving = False
+            self._stall_since = None
         if not data:
             if self.state.bye_seen:
                 raise _End("logout" if self.state.logout_sent else "upstream_closed")
@@ -343,11 +405,13 @@ class ImapRelay:
         """Report a continuation/tagged/BYE line to the state; return what to relay for it."""
         if isinstance(event, Continuation):
             relay = self.state.continuation()
-            self._upstream_said.set()
+            if self._upstream_said is not None:
+                self._upstream_said.set()
             return event.data if relay else b""
         if isinstance(event, Tagged):
             due = self.state.tagged(event.tag, event.status)
-            self._upstream_said.set()
+            if self._upstream_said is not None:
+                self._upstream_said.set()
             if event.status != b"OK":
                 self._advise(event.data)
             return event.data + due if due else event.data

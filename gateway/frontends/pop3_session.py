@@ -126,13 +126,17 @@ class BatchedWriter:
         self._buffer = bytearray()
 
     async def write(self, data: bytes) -> None:
+        if not self._buffer and len(data) >= self._batch:  # a whole batch: no copy
+            await self._stream.send_all(data)
+            self.sent += len(data)
+            return
         self._buffer += data
         if len(self._buffer) >= self._batch:
             await self.flush()
 
     async def flush(self) -> None:
         if self._buffer:
-            data, self._buffer = bytes(self._buffer), bytearray()
+            data, self._buffer = self._buffer, bytearray()  # handed over, not copied
             await self._stream.send_all(data)
             self.sent += len(data)
 

@@ -52,6 +52,7 @@ Capability lists (``* CAPABILITY …``, ``[CAPABILITY …]`` codes) go through t
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -666,4 +667,11 @@ def capabilities_of(response: Response) -> frozenset[str] | None:
         atoms = response.code[11:]
     else:
         return None
+    return _capability_set(bytes(atoms))
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_set(atoms: bytes) -> frozenset[str]:
+    """One shared set per distinct capability list: every session of a provider keeps the
+    same ~40 strings (about 4 KiB per session, docs/performance.md)."""
     return frozenset(a.decode("ascii", "replace").upper() for a in atoms.split())

@@ -54,7 +54,15 @@ from ..protocol.imap_responses import (
     ResponseFramer,
     capabilities_of,
 )
-from .transport import RECEIVE_SIZE, DetachedStream, SlotLike, more_decrypted, send_within, tls_handshake
+from .transport import (
+    RECEIVE_SIZE,
+    DetachedStream,
+    SlotLike,
+    more_decrypted,
+    send_within,
+    tls_handshake,
+    wrap_tls,
+)
 
 log = logging.getLogger("mailgate.upstream")
 
@@ -307,7 +315,7 @@ class IMAPConnection:
         (await self.command(b"STARTTLS")).check()
         if self._events or not self._framer.at_boundary:
             raise self.fail(f"{self.where} sent data after STARTTLS before the TLS handshake")
-        self._stream = trio.SSLStream(self._stream, tls, server_hostname=server_hostname, https_compatible=False)
+        self._stream = wrap_tls(self._stream, tls, server_hostname)
         await self.handshake()
         self._framer = self._new_framer()
         self.capabilities = frozenset()

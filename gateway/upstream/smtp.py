@@ -44,7 +44,7 @@ import trio
 from ..errors import MailgateError, ReauthorizationRequired, UpstreamError
 from ..protocol import sasl
 from ..protocol.smtp import Reply, ReplyError, ReplyParser
-from .transport import make_tls_context, open_client, send_within, tls_handshake
+from .transport import make_tls_context, open_client, send_within, tls_handshake, wrap_tls
 from .login import Publish
 from .slots import Slot, UpstreamSlots
 from .smtp_answers import SMTP_AUTH_DISABLED, Explanation, Meaning, explain
@@ -181,8 +181,7 @@ class UpstreamSMTP:
             raise self._fail(f"{self.where} refused STARTTLS: {reply}")
         if self._parser.buffered:
             raise self._fail(f"{self.where} sent data after STARTTLS before the TLS handshake")
-        self._stream = trio.SSLStream(self._stream, tls, server_hostname=server_hostname,
-                                      https_compatible=False)
+        self._stream = wrap_tls(self._stream, tls, server_hostname)
         await self._handshake()
         self._parser = ReplyParser()
 

@@ -9,7 +9,7 @@ Everything here is about bytes, not IMAP:
   parses every CA certificate, which with the system store took about 200 ms of CPU on the
   benchmark machine -- on the event loop, for every upstream login (docs/performance.md).
 * :func:`open_stream` opens the TCP connection (``TCP_NODELAY``) and, for implicit TLS, wraps
-  it in a ``trio.SSLStream`` (the handshake is the caller's, under its deadline).
+  it in a :class:`~gateway.tls.TLSStream` (the handshake is the caller's, under its deadline).
 * :func:`receive` is one read of up to :data:`RECEIVE_SIZE` bytes that also takes every whole
   TLS record already decrypted, without waiting (a TLS read returns one 16 KiB record at most).
 * :func:`send_within` is a write under a deadline, for IMAP and SMTP alike; so is
@@ -36,6 +36,7 @@ import trio
 
 from ..errors import UpstreamError
 from ..net import take_decrypted
+from ..tls import TLSStream
 from .proxy import open_tunnel
 from .wrapped import WrappedStream
 
@@ -108,9 +109,10 @@ def tls_failure(exc: BaseException, where: str) -> UpstreamError:
 
 
 async def tls_handshake(stream: trio.abc.Stream, timeout: float, where: str) -> None:
-    """The TLS handshake of ``stream`` (a ``trio.SSLStream``) with ``where`` within ``timeout``
-    seconds; a timeout or a failure is an :class:`UpstreamError` (see :func:`tls_failure`)."""
-    assert isinstance(stream, trio.SSLStream)
+    """The TLS handshake of ``stream`` (a ``TLSStream`` or ``trio.SSLStream``) with ``where``
+    within ``timeout`` seconds; a timeout or a failure is an :class:`UpstreamError` (see
+    :func:`tls_failure`)."""
+    assert isinstance(stream, (TLSStream, trio.SSLStream))
     try:
         with trio.fail_after(timeout):
             await stream.do_handshake()
@@ -180,7 +182,15 @@ async def open_stream(
         tcp = socket_stream
     if tls_ctx is None:
         return tcp
-    return trio.SSLStream(tcp, tls_ctx, server_hostname=host, https_compatible=False)
+    return wrap_tls(tcp, tls_ctx, host)
+
+
+def wrap_tls(stream: trio.abc.Stream, tls_ctx: ssl.SSLContext, host: str) -> trio.abc.Stream:
+    """Client-side TLS over ``stream``: a :class:`~gateway.tls.TLSStream` on a real socket, a
+    ``trio.SSLStream`` over anything else (the proxy's CONNECT tunnel)."""
+    if isinstance(stream, trio.SocketStream):
+        return TLSStream(stream, tls_ctx, server_hostname=host)
+    return trio.SSLStream(stream, tls_ctx, server_hostname=host, https_compatible=False)
 
 
 def more_decrypted(stream: trio.abc.Stream, data: bytes | bytearray, limit: int = RECEIVE_SIZE) -> bytes | bytearray:
@@ -202,8 +212,11 @@ class DetachedStream(WrappedStream):
     def __init__(self, stream: trio.abc.Stream, slot: SlotLike | None):
         super().__init__(stream)
         self._slot = slot
+        self._takes_records = isinstance(stream, trio.SSLStream)  # a TLSStream takes them itself
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._takes_records:
+            return await self._stream.receive_some(max_bytes or RECEIVE_SIZE)
         return await receive(self._stream, max_bytes or RECEIVE_SIZE)
 
     async def aclose(self) -> None:
