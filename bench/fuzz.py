@@ -13,7 +13,8 @@ hypothesis prints, shrunk, together with the ``@reproduce_failure`` line to past
 Hypothesis keeps its example database in ``.hypothesis/``: a failure found here is replayed
 first by every later run, including CI's short one, until it is fixed.
 
-``--inputs N`` runs the same properties coverage-guided instead: atheris (libFuzzer for Python,
+``--inputs N`` runs one adversarial property per parser (:data:`PARSER_PROPERTIES`; ``--all``:
+every property of the fuzz files) coverage-guided instead: atheris (libFuzzer for Python,
 in the ``bench`` extra) instruments ``gateway`` and feeds each property N inputs through
 hypothesis's own fuzzer entry point (``fuzz_one_input``), so the assertions are exactly the
 properties' own. Each property runs in its own process (libFuzzer ends the process when it is
@@ -54,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
                              "a substring of the name)")
     parser.add_argument("--inputs", type=int, default=None,
                         help="coverage-guided (atheris): this many inputs per property")
+    parser.add_argument("--all", action="store_true",
+                        help="with --inputs: every property of the fuzz files, not one per parser")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # MODULE:FUNCTION, internal
     args = parser.parse_args(argv)
     if args.one is not None:
         return _fuzz_one(args.one, args.inputs or DEFAULT_EXAMPLES)
     if args.inputs is not None:
-        return _coverage_guided(args.inputs, args.jobs, args.keyword)
+        return _coverage_guided(args.inputs, args.jobs, args.keyword, args.all)
 
     tests = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(FUZZ_TESTS))
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", *tests,
@@ -84,18 +87,41 @@ RESULTS = ROOT / "bench" / "results"
 _STAT = re.compile(r"stat::(number_of_executed_units|new_units_added):\s*(\d+)")
 
 
-def _properties(keyword: str | None) -> list[str]:
-    """``module:function`` of every hypothesis property in the fuzz test files."""
+#: One adversarial property per sans-IO parser: what ``--inputs`` runs by default (``--all``:
+#: every property of the fuzz files instead). Each says "whatever the bytes, only the parser's
+#: own error, bounded memory" or checks the parser against a reference model.
+PARSER_PROPERTIES = {
+    "IMAP pre-login command reader": "tests.unit.test_fuzz_protocols:test_command_reader_memory_is_bounded",
+    "IMAP relay command framer": "tests.unit.test_fuzz_protocols:test_command_relay_never_holds_a_literal",
+    "IMAP response reader, relay mode": "tests.unit.test_fuzz_protocols:test_response_scanner_random_input",
+    "IMAP response reader, framed mode": "tests.unit.test_fuzz_protocols:test_response_framer_random_input_only_raises_protocol_error",
+    "IMAP data values": "tests.unit.test_fuzz_protocols:test_response_data_parse_only_raises_value_error",
+    "POP3 line reader": "tests.unit.test_fuzz_protocols:test_pop3_line_reader_is_split_invariant_and_bounded",
+    "POP3 command parser": "tests.unit.test_fuzz_protocols:test_pop3_parse_command_only_rejects",
+    "POP3 RETR encoder": "tests.unit.test_fuzz_protocols:test_pop3_retr_matches_the_reference_model",
+    "SASL decoders": "tests.unit.test_fuzz_protocols:test_sasl_decoders_only_raise_their_own_errors",
+    "SMTP command reader": "tests.unit.test_smtp_protocol:test_random_command_lines_only_raise_the_modules_error",
+    "SMTP reply parser": "tests.unit.test_smtp_protocol:test_reply_parser_split_invariance_and_errors",
+    "PROXY protocol header": "tests.unit.test_proxy_header:test_random_input_only_raises_its_error",
+}
+
+
+def _properties(keyword: str | None, every: bool) -> list[str]:
+    """``module:function`` of the properties to run: one per parser, or (``every``) every
+    hypothesis property in the fuzz test files; ``keyword`` keeps those whose name contains
+    one of its comma-separated parts."""
     sys.path.insert(0, str(ROOT))
-    found = []
-    for path in sorted(ROOT.glob(FUZZ_TESTS)):
-        module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-        module = importlib.import_module(module_name)
-        for name, fn in vars(module).items():
-            if name.startswith("test_") and hasattr(fn, "hypothesis"):
-                if keyword is None or keyword in name:
-                    found.append(f"{module_name}:{name}")
-    return found
+    if every:
+        found = []
+        for path in sorted(ROOT.glob(FUZZ_TESTS)):
+            module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            module = importlib.import_module(module_name)
+            found += [f"{module_name}:{name}" for name, fn in vars(module).items()
+                      if name.startswith("test_") and hasattr(fn, "hypothesis")]
+    else:
+        found = list(PARSER_PROPERTIES.values())
+    wanted = [k for k in (keyword or "").split(",") if k]
+    return [t for t in found if not wanted or any(k in t.split(":")[1] for k in wanted)]
 
 
 def _fuzz_one(target: str, inputs: int) -> int:
@@ -117,8 +143,8 @@ def _fuzz_one(target: str, inputs: int) -> int:
     return 0
 
 
-def _coverage_guided(inputs: int, jobs: int, keyword: str | None) -> int:
-    targets = _properties(keyword)
+def _coverage_guided(inputs: int, jobs: int, keyword: str | None, every: bool) -> int:
+    targets = _properties(keyword, every)
     print(f"coverage-guided: {len(targets)} properties, {inputs:,} inputs each, {jobs} at a time",
           flush=True)
     started = time.monotonic()
