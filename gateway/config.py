@@ -247,6 +247,8 @@ class Limits(_Section):
     # Upstream.
     upstream_connections_per_account: int = Field(10, ge=1)
     upstream_slot_wait: float = Field(30, ge=0)
+    upstream_pool_size: int = Field(2, ge=0)  # idle logged-in connections kept per account
+    upstream_pool_idle: float = Field(300, gt=0)  # seconds one may stay idle in the pool
 
 
 class Config(_Section):

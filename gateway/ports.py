@@ -111,18 +111,34 @@ class Accounts(Protocol):
 
 
 class UpstreamConnector(Protocol):
-    """Opens logged-in upstream IMAP connections and owns the per-account connection caps.
+    """Opens logged-in upstream IMAP connections, owns the per-account connection caps and the
+    pool of idle logged-in connections (:mod:`gateway.upstream.pool`).
 
     The release path: the returned connection holds its account's slot (see
     :mod:`gateway.upstream.slots`) and gives it back when it is closed -- ``aclose()`` or
-    ``logout()``, or closing the stream it hands to the IMAP relay with ``detach()``. Callers
-    therefore close what :meth:`open` returned on every path, and nothing else.
+    ``logout()``, or closing the stream it hands to the IMAP relay with ``detach()`` -- or
+    when it is given to :meth:`release`. Callers therefore close or release what :meth:`open`
+    returned on every path, and nothing else.
     """
 
-    async def open(self, account: TokenSource) -> UpstreamIMAP:
-        """Connect, authenticate with the account's token (one refresh-and-retry). Raises
-        ``ReauthorizationRequired``, ``TemporaryFailure`` (``UpstreamError`` for the IMAP
-        side) or ``AuthenticationFailed``."""
+    async def open(
+        self, account: TokenSource, *, accept: frozenset[str] = frozenset()
+    ) -> UpstreamIMAP:
+        """A logged-in connection: a pooled one of this account logged in with its current
+        token (``accept``: the lasting extensions, e.g. ``CONDSTORE``, the caller does not
+        mind), else a new login (one refresh-and-retry). Raises ``ReauthorizationRequired``,
+        ``TemporaryFailure`` (``UpstreamError`` for the IMAP side) or ``AuthenticationFailed``."""
+        ...
+
+    async def release(self, conn: UpstreamIMAP, *, clean: bool) -> None:
+        """The session is done with ``conn``: pool it when ``clean`` (nothing outstanding,
+        nothing of the session's state left on it but a selected mailbox), else log it out.
+        Bounded by ``limits.logout_timeout``; never raises."""
+        ...
+
+    async def maintain(self) -> None:
+        """The pool's task, run by the server: closes idle and dead pooled connections; when
+        cancelled (shutdown) logs every pooled connection out."""
         ...
 
     def update_config(self, config: Config) -> None:

@@ -177,12 +177,10 @@ class Pop3Session:
                         log.info("pop3 %s: could not mark retrieved messages seen: %s",
                                  self.stream.peer, exc)
             if self.upstream is not None:
+                # Back to the account's pool (mailbox left with UNSELECT) or logged out: a
+                # connection interrupted mid-command is unusable and never pooled.
                 upstream, self.upstream = self.upstream, None
-                with trio.move_on_after(self.limits.logout_timeout):
-                    try:
-                        await upstream.aclose()
-                    except Exception:  # closing a broken upstream: nothing left to do
-                        log.debug("pop3 %s: upstream close failed", self.stream.peer, exc_info=True)
+                await self.ctx.connector.release(upstream, clean=True)
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
@@ -353,12 +351,10 @@ class Pop3Session:
             log.warning("pop3 %s: %s: deleting failed: %s", self.stream.peer, self.account.name, exc)
             await self.send(pop3.err("Some deleted messages were not removed.", Code.SYS_TEMP))
             return
-        await self._logout_upstream()
+        # The upstream back to the pool and the maildrop unlocked *before* the +OK: a client
+        # that polls again at once must find both free.
+        await self._release()
         await self.send(pop3.ok(f"{text}."))
-
-    async def _logout_upstream(self) -> None:
-        assert self.upstream is not None
-        await self.upstream.logout(self.limits.logout_timeout)
 
     # ------------------------------------------------------------------ the login
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import ssl
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -169,6 +170,11 @@ class IMAPConnection:
         self._closed = False
         self._bye: str | None = None
         self.slot: SlotLike | None = None
+        #: Fingerprint of the access token this connection logged in with (the pool's check).
+        self.credential = b""
+        #: Extensions enabled for the rest of the connection (e.g. ``CONDSTORE``): the pool
+        #: hands such a connection only to a session that accepts them.
+        self.lasting: frozenset[str] = frozenset()
         self.capabilities: frozenset[str] = frozenset()
         self.greeting: Response | None = None
 
@@ -190,6 +196,27 @@ class IMAPConnection:
             raise UpstreamError(f"connection to {self.where} is closed")
         if self._broken:
             raise UpstreamError(self._broken)
+
+    @property
+    def usable(self) -> bool:
+        """Open, not broken, no ``* BYE`` seen: the connection may take another command."""
+        return not (self._closed or self._broken or self._bye)
+
+    def data_waiting(self) -> bool:
+        """Anything arrived that no command asked for (at rest: a ``* BYE``, a closed socket).
+        Looks without reading: buffered events, a half-read response, a readable socket."""
+        if self._events or not self._framer.at_boundary:
+            return True
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        try:
+            readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def interrupted(self, name: str) -> None:
         """A command ended without its tagged answer (error or cancellation): the stream is
@@ -407,13 +434,27 @@ class IMAPConnection:
                 self.slot.release()
                 self.slot = None
 
+    def abandon(self) -> None:
+        """Close at once without waiting (no task to say goodbye in) and free the slot."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def detach(self) -> tuple[trio.abc.Stream, bytes]:
+    def detach(self) -> tuple[DetachedStream, bytes]:
         """Hand the raw stream to a relay: ``(stream, bytes already read but not consumed)``.
 
         Closing the returned stream frees this connection's slot. This object is unusable
@@ -426,3 +467,16 @@ class IMAPConnection:
         self.slot = None
         self._closed = True
         return stream, buffered
+
+    def reattach(self, stream: DetachedStream, buffered: bytes) -> None:
+        """Take back what :meth:`detach` handed out, with the bytes the relay read but did not
+        relay; the stream must be at a response boundary with no command outstanding."""
+        self._stream, self.slot = stream.reclaim()
+        self._framer = self._new_framer()
+        self._events.clear()
+        self._closed = False
+        if buffered:
+            try:
+                self._events.extend(self._framer.feed(buffered))
+            except ProtocolError as exc:
+                self.fail(f"{self.where} sent something that is not IMAP: {exc}")

@@ -36,6 +36,7 @@ from ..protocol.imap_grammar import Value, ValueParser, decode_mailbox, encode_m
 from ..protocol.imap_responses import FetchItems, Response
 from .body import BodyStream
 from .engine import IMAPConnection, UpstreamResponse
+from .transport import DetachedStream
 
 __all__ = [
     "MAX_UID_SET_CHARS",
@@ -47,6 +48,8 @@ __all__ = [
     "uid_set",
 ]
 
+#: The name recorded for a mailbox a relayed IMAP client selected (its name is not tracked).
+RELAYED_MAILBOX = "(selected by the IMAP client)"
 #: Longest UID set written into one command (servers limit command lines; Dovecot 64 KiB).
 MAX_UID_SET_CHARS = 8000
 
@@ -144,6 +147,12 @@ class UpstreamIMAP(IMAPConnection):
     authenticate (:mod:`gateway.upstream.login`)."""
 
     selected: MailboxInfo | None = None
+
+    def reclaim(self, stream: DetachedStream, buffered: bytes, *, selected: bool) -> None:
+        """Take the connection back from the IMAP relay (see :meth:`reattach`); ``selected``:
+        the relayed session left a mailbox selected (the pool leaves it with UNSELECT)."""
+        self.reattach(stream, buffered)
+        self.selected = MailboxInfo(RELAYED_MAILBOX, 0, None, None) if selected else None
 
     async def select(self, mailbox: str, *, readonly: bool = False) -> MailboxInfo:
         """SELECT (or EXAMINE) ``mailbox``; raises ``UpstreamNo`` if it does not exist."""

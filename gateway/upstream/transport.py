@@ -131,6 +131,13 @@ class DetachedStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         return await receive(self._stream, max_bytes or RECEIVE_SIZE)
 
+    def reclaim(self) -> tuple[trio.abc.Stream, SlotLike | None]:
+        """The raw stream and the slot, back to the upstream client (the relay handed the
+        connection back); this object no longer owns either."""
+        stream, slot = self._stream, self._slot
+        self._slot = None
+        return stream, slot
+
     async def aclose(self) -> None:
         try:
             await self._stream.aclose()

@@ -128,11 +128,17 @@ class Rig:
     def slots_in_use(self) -> int:
         return self.server.ctx.connector.slots(USER).in_use  # type: ignore[attr-defined]
 
+    def pooled(self) -> int:
+        """Idle upstream connections kept in the pool (each holds a slot and a connection)."""
+        return self.server.ctx.connector.pool.idle_count(USER)  # type: ignore[attr-defined]
+
     async def settled(self) -> None:
-        """Wait until no client session, upstream slot or upstream connection is left."""
+        """Wait until no client session is left, and no upstream slot or upstream connection
+        but those of the pool."""
         with trio.fail_after(SETTLE_TIMEOUT):
-            while (self.server.active or self.server.sessions or self.slots_in_use()
-                   or self.imap_proxy.open_connections):
+            while (self.server.active or self.server.sessions
+                   or self.slots_in_use() != self.pooled()
+                   or self.imap_proxy.open_connections != self.pooled()):
                 await trio.sleep(0.02)
 
     async def still_serves(self) -> None:
