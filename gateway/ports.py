@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .config import Config, ProviderConfig, UserConfig
+    from .frontends.pop3_listing import Listing
     from .oauth.store import AccountRecord, AccountStatus, SealedSecret
     from .upstream.client import UpstreamIMAP
 
@@ -39,6 +40,7 @@ __all__ = [
     "CredentialStore",
     "KdfRunner",
     "LocalAccount",
+    "Pop3ListingStore",
     "TokenSource",
     "UpstreamConnector",
 ]
@@ -177,3 +179,17 @@ class CredentialStore(Protocol):
     def set_status(self, account: str, state: str, detail: str = "") -> None: ...
 
     def delete_account(self, name: str) -> None: ...
+
+
+class Pop3ListingStore(Protocol):
+    """Each account's remembered POP3 listing (:mod:`gateway.frontends.pop3_listing`).
+
+    Methods block; async callers run them in a worker thread. Today one JSON file per account
+    under ``state_dir/pop3/`` (``ListingFiles``); a database store can implement the same two
+    methods. ``load`` returns ``None`` for nothing usable (absent or damaged); ``save``
+    replaces atomically and raises ``OSError`` on failure.
+    """
+
+    def load(self, account: str) -> Listing | None: ...
+
+    def save(self, account: str, listing: Listing) -> None: ...

@@ -61,7 +61,15 @@ from ..errors import (
 from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
 from ..upstream.client import CommandFailed, UpstreamIMAP
-from .pop3_mapping import CommitRefused, Maildrop, MaildropLock, MessageUnavailable, SizeCache
+from .pop3_listing import ListingFiles
+from .pop3_mapping import (
+    STATE_SUBDIR,
+    CommitRefused,
+    Maildrop,
+    MaildropLock,
+    MessageUnavailable,
+    SizeCache,
+)
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
@@ -176,14 +184,16 @@ class Pop3Session:
                     except MailgateError as exc:
                         log.info("pop3 %s: could not mark retrieved messages seen: %s",
                                  self.stream.peer, exc)
+            # The maildrop is done with: unlock first, so a client polling again at once is
+            # not refused while the connection is given back.
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
             if self.upstream is not None:
                 # Back to the account's pool (mailbox left with UNSELECT) or logged out: a
                 # connection interrupted mid-command is unusable and never pooled.
                 upstream, self.upstream = self.upstream, None
                 await self.ctx.connector.release(upstream, clean=True)
-            if self.lock is not None:
-                self.lock.release()
-                self.lock = None
 
     # ------------------------------------------------------------------ I/O
 
@@ -376,6 +386,8 @@ class Pop3Session:
                 mailbox=user.pop3_mailbox,
                 delete_mode=user.pop3_delete,
                 size_cache=SizeCache.for_account(self.ctx.config.server.state_dir, account.name),
+                listings=ListingFiles(self.ctx.config.server.state_dir / STATE_SUBDIR),
+                account=account.name,
             )
         except AuthenticationFailed:
             await self._release()

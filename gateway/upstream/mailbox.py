@@ -205,6 +205,17 @@ class UpstreamIMAP(IMAPConnection):
                 out.append((uid, size))
         return out
 
+    async def uid_search_all(self) -> set[int]:
+        """The UIDs of every message of the selected mailbox (``UID SEARCH ALL``)."""
+        response = (await self.command(b"UID SEARCH ALL")).check()
+        uids: set[int] = set()
+        for r in response.data(b"SEARCH"):
+            words = r.raw.split()[2:]
+            if not all(w.isdigit() for w in words):
+                raise self.fail(f"{self.where} sent a SEARCH answer that cannot be parsed")
+            uids.update(map(int, words))
+        return uids
+
     async def fetch_attrs(self, uids: Iterable[int], attrs: bytes) -> dict[int, FetchItems]:
         """``UID FETCH`` of ``attrs`` (e.g. ``b"X-GM-MSGID"``): ``{uid: {b"X-GM-MSGID": …}}``."""
         wanted = set(uids)
