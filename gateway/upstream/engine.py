@@ -175,6 +175,7 @@ class IMAPConnection:
         #: Extensions enabled for the rest of the connection (e.g. ``CONDSTORE``): the pool
         #: hands such a connection only to a session that accepts them.
         self.lasting: frozenset[str] = frozenset()
+        self._ahead: list[tuple[bytes, str]] = []  # (tag, name) sent without waiting
         self.capabilities: frozenset[str] = frozenset()
         self.greeting: Response | None = None
 
@@ -205,6 +206,8 @@ class IMAPConnection:
     def data_waiting(self) -> bool:
         """Anything arrived that no command asked for (at rest: a ``* BYE``, a closed socket).
         Looks without reading: buffered events, a half-read response, a readable socket."""
+        if self._ahead:
+            return False  # the answer to a command sent ahead is expected: see settle()
         if self._events or not self._framer.at_boundary:
             return True
         stream = self._stream
@@ -289,11 +292,40 @@ class IMAPConnection:
 
     # ------------------------------------------------------------------ commands
 
+    async def send_ahead(self, cmd: bytes) -> None:
+        """Send ``cmd`` without waiting for its answer; the next :meth:`command` (or
+        :meth:`settle`) reads the answer first. Saves a round trip when nobody waits for it."""
+        self.check_usable()
+        tag = self.next_tag()
+        name = _command_name(cmd)
+        try:
+            await self.send(tag + b" " + cmd + b"\r\n")
+        except BaseException:
+            self.interrupted(name)
+            raise
+        self._ahead.append((tag, name))
+
+    async def settle(self) -> list[UpstreamResponse]:
+        """The answers to the commands sent ahead, in order (``[]`` if none)."""
+        answers = []
+        while self._ahead:
+            tag, name = self._ahead[0]
+            try:
+                answers.append(await self._collect(tag, name))
+            except BaseException:
+                self.interrupted(name)
+                raise
+            self._ahead.pop(0)
+        return answers
+
     async def command(self, cmd: bytes) -> UpstreamResponse:
         """Send one command (no literals, no CRLF) and collect everything up to its tagged answer."""
         self.check_usable()
         if b"\r" in cmd or b"\n" in cmd:
             raise ValueError("an upstream command must be a single line")
+        if self._ahead:
+            for answer in await self.settle():
+                answer.check()
         tag = self.next_tag()
         name = _command_name(cmd)
         try:

@@ -12,7 +12,10 @@ Rules first:
    with ``UNSELECT`` (RFC 3691), never ``CLOSE`` (which expunges); a server without UNSELECT
    keeps nothing in the pool. Whatever is doubtful is logged out, never reused (the callers
    decide ``clean``: the IMAP relay from its :class:`~gateway.protocol.imap_relay_state.
-   RelayState`, the POP3 session from how it ended).
+   RelayState`, the POP3 session from how it ended). The UNSELECT is sent without waiting for
+   its answer (:meth:`~gateway.upstream.engine.IMAPConnection.send_ahead`): giving a
+   connection back costs no round trip, and :meth:`UpstreamPool.take` reads the answer (long
+   arrived by then) first.
 2. **A pooled connection is only reused with the credential it logged in with.** Each one
    remembers a digest of its access token (:func:`~gateway.upstream.login.token_fingerprint`);
    :meth:`UpstreamPool.take` is given the account's *current* token's digest and discards
@@ -114,6 +117,8 @@ class UpstreamPool:
                 continue
             if conn.credential != credential:
                 self._retire(conn, "logged in with an older access token")
+            elif not await self._settled(conn):
+                self._retire(conn, "its UNSELECT failed", polite=False)
             elif conn.data_waiting() or not conn.usable:
                 self._retire(conn, "the server sent something while it was idle", polite=False)
             elif trio.current_time() - entry.since > CHECK_AFTER and not await self._alive(conn):
@@ -126,6 +131,15 @@ class UpstreamPool:
         pool.reused += 1
         log.debug("account %s: reusing a pooled upstream connection to %s", account, found.where)
         return found
+
+    async def _settled(self, conn: UpstreamIMAP) -> bool:
+        """Read the answer to the UNSELECT sent ahead, if any: it must be OK."""
+        with trio.move_on_after(self.limits.logout_timeout):
+            try:
+                return all(answer.ok for answer in await conn.settle())
+            except Exception:  # noqa: BLE001 - any failure means: not reusable
+                return False
+        return False
 
     async def _alive(self, conn: UpstreamIMAP) -> bool:
         with trio.move_on_after(self.limits.logout_timeout):
@@ -176,13 +190,12 @@ class UpstreamPool:
         return None
 
     async def _unselect(self, conn: UpstreamIMAP) -> str | None:
+        """Send UNSELECT ahead (its answer is read by :meth:`take`)."""
         with trio.move_on_after(self.limits.logout_timeout):
             try:
-                response = await conn.command(b"UNSELECT")
+                await conn.send_ahead(b"UNSELECT")
             except Exception as exc:  # noqa: BLE001 - the connection is then not reused
                 return f"UNSELECT failed: {exc}"
-            if not response.ok:
-                return f"UNSELECT refused: {response.status} {response.text}"
             conn.selected = None
             return None
         conn.interrupted("UNSELECT")
