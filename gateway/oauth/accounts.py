@@ -105,6 +105,7 @@ class Account:
         self._dead_grant: float | None = None  # `updated` of a stored token the IdP refused
         self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
         self._status_written: str | None = None
+        self._record_updated: float | None = None  # `updated` of the account record last seen
         self._publish = publish
         self.login_lock = trio.Lock()
 
@@ -135,6 +136,14 @@ class Account:
         if cached is None:
             return None
         return time.time() + (cached.expires_at - trio.current_time())
+
+    def note_record(self, updated: float) -> None:
+        """The account record as a login read it: a rewritten record (``mailgate authorize``
+        again: a new grant) drops the cached access token, so nothing logged in with a token
+        of the old grant -- a pooled upstream connection -- is used any more."""
+        if self._record_updated is not None and updated != self._record_updated:
+            self._tokens.invalidate()
+        self._record_updated = updated
 
     def unlock(self, data_key: bytes) -> None:
         if data_key != self._data_key:
@@ -394,6 +403,7 @@ class AccountManager:
         if who is not None:
             self.throttle.record_success(*who)
         assert record is not None
+        account.note_record(record.updated)
         if record.provider != account.provider.name:
             raise ReauthorizationRequired(
                 name, f"authorized for provider {record.provider!r}, now {account.provider.name!r}"

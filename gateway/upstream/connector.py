@@ -33,6 +33,7 @@ from __future__ import annotations
 import weakref
 
 from ..config import Config, Limits
+from ..errors import ReauthorizationRequired
 from ..ports import TokenSource
 from .client import UpstreamIMAP
 from .login import Publish, open_upstream, token_fingerprint
@@ -69,7 +70,11 @@ class UpstreamConnector:
         slots = self.slots(account.name)
         conn = None
         if self.pool.idle_count(account.name):
-            credential = token_fingerprint(await account.access_token())
+            try:
+                credential = token_fingerprint(await account.access_token())
+            except ReauthorizationRequired:
+                self.pool.retire_account(account.name, "the account's grant no longer works")
+                raise
             conn = await self.pool.take(account.name, credential, accept=accept)
             if conn is None:
                 self.pool.make_room(account.name, slots.in_use, slots.capacity)

@@ -13,7 +13,7 @@ import trio
 
 from gateway.app import reload
 from tests.fixtures.gateway import write_config
-from tests.fixtures.imap import Gate, SeededState, logged_in, start_seeded_gate
+from tests.fixtures.imap import Gate, SeededState, logged_in, seed_account, start_seeded_gate
 from tests.fixtures.pop3 import PopGate, start_pop_gate
 from tests.lab import LabDovecot, LabOAuthServer, seed
 
@@ -183,6 +183,25 @@ async def test_a_newer_access_token_means_a_fresh_login(
     assert _logins(oauth_server) == before  # still the same token: reused
     await trio.sleep(2)  # past half the token's life: mailgate refreshes it
     await _imap_session(gate)
+    assert _logins(oauth_server) - before == 1
+
+
+async def test_a_revoked_and_reauthorized_grant_means_a_fresh_login(
+    nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+    seeded_state: SeededState,
+) -> None:
+    """The grant a pooled connection's token came from is revoked at the identity provider and
+    the account authorized again: the next session logs in with a token of the new grant."""
+    gate = await start_seeded_gate(nursery, tmp_path, lab, oauth_server, seeded_state)
+    await _imap_session(gate)
+    before = _logins(oauth_server)
+    await _imap_session(gate)
+    assert _logins(oauth_server) == before
+    oauth_server.revoke(gate.refresh_token)
+    _, refresh = oauth_server.issue_tokens(gate.upstream_user)
+    await seed_account(gate.config, refresh)  # mailgate authorize, as the admin runs it
+    (select,) = await _imap_session(gate, b"S SELECT INBOX")
+    assert select[-1].startswith(b"S OK")
     assert _logins(oauth_server) - before == 1
 
 
