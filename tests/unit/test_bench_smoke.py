@@ -396,3 +396,35 @@ def test_a_peer_that_is_not_running_gets_na_with_its_reason() -> None:
     assert with_peers(3, rows, None, peers) == rows  # type: ignore[arg-type]  # no peer for 3
     assert Peers().why_not(EMAILPROXY) == "not started"
     assert "not installed" in (emailproxy_missing("/bin/false") or "")
+
+
+def test_wan_delay_relay_holds_each_direction_for_its_delay_and_keeps_order() -> None:
+    import time
+
+    from bench.wan import DelayRelay
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    relay = DelayRelay(server.getsockname(), 0.05).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port)) as client:
+            start = time.monotonic()
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            assert time.monotonic() - start >= 0.1  # one delay each way
+            payload = bytes(range(256)) * 400
+            client.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                received += client.recv(65536)
+            assert received == payload
+    finally:
+        relay.close()
+        server.close()
