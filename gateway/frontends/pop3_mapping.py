@@ -123,7 +123,7 @@ class CommitRefused(MailgateError):
     """QUIT could not apply the deletions (nothing was deleted); ``str()`` says why."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     number: int
     uid: int
@@ -221,7 +221,12 @@ class SizeCache:
             self._sizes[key] = size
             self._dirty = True
 
+    def __len__(self) -> int:
+        return len(self._sizes)
+
     def retain(self, uidvalidity: int, uids: Iterable[int]) -> None:
+        if not self._sizes:
+            return
         keep = {self._key(uidvalidity, uid) for uid in uids}
         kept = {k: v for k, v in self._sizes.items() if k in keep}
         if len(kept) != len(self._sizes):
@@ -348,9 +353,11 @@ class Maildrop:
         await size_cache.load()
         size_cache.retain(uidvalidity, (uid for uid, _, _ in snapshot))
         messages = []
+        suffix = default_uidl(uidvalidity, 0)[8:]  # the UIDVALIDITY half of every default UIDL
+        exact_sizes = len(size_cache) > 0
         for number, (uid, server_size, msgid) in enumerate(snapshot, start=1):
-            exact = size_cache.get(uidvalidity, uid)
-            uidl = gmail_uidl(msgid) if msgid is not None else default_uidl(uidvalidity, uid)
+            exact = size_cache.get(uidvalidity, uid) if exact_sizes else None
+            uidl = gmail_uidl(msgid) if msgid is not None else f"{uid:08x}{suffix}"
             messages.append(Message(number, uid, server_size if exact is None else exact, uidl))
         await size_cache.save()
         drop = cls(
