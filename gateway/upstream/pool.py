@@ -125,6 +125,10 @@ class UpstreamPool:
                 self._retire(conn, "it did not answer NOOP", polite=False)
             else:
                 found = conn
+        if self._pools.get(account) is not pool:  # retired meanwhile (a config change)
+            for conn in [entry.conn for entry in kept] + ([found] if found else []):
+                self._retire(conn, "the account's configuration changed")
+            return None
         pool.idle.extend(reversed(kept))
         if found is None:
             return None

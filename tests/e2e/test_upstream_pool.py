@@ -13,7 +13,14 @@ import trio
 
 from gateway.app import reload
 from tests.fixtures.gateway import write_config
-from tests.fixtures.imap import Gate, SeededState, logged_in, seed_account, start_seeded_gate
+from tests.fixtures.imap import (
+    Gate,
+    SeededState,
+    logged_in,
+    seed_account,
+    start_gate,
+    start_seeded_gate,
+)
 from tests.fixtures.pop3 import PopGate, start_pop_gate
 from tests.lab import LabDovecot, LabOAuthServer, seed
 
@@ -188,11 +195,12 @@ async def test_a_newer_access_token_means_a_fresh_login(
 
 async def test_a_revoked_and_reauthorized_grant_means_a_fresh_login(
     nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
-    seeded_state: SeededState,
+    lab_user: str,
 ) -> None:
     """The grant a pooled connection's token came from is revoked at the identity provider and
-    the account authorized again: the next session logs in with a token of the new grant."""
-    gate = await start_seeded_gate(nursery, tmp_path, lab, oauth_server, seeded_state)
+    the account authorized again: the next session logs in with a token of the new grant.
+    (An account of its own: the grant revoked here must not be the other tests'.)"""
+    gate = await start_gate(nursery, tmp_path, lab, oauth_server, lab_user)
     await _imap_session(gate)
     before = _logins(oauth_server)
     await _imap_session(gate)
