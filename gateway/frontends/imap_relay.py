@@ -154,6 +154,7 @@ class ImapRelay:
         self._upstream_wait: trio.CancelScope | None = None  # the upstream read in progress
         self._give_back = give_back
         self._logout_tag: bytes | None = None  # a LOGOUT answered here (handing back)
+        self._handed_back = False  # the upstream connection belongs to the pool now
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -166,12 +167,10 @@ class ImapRelay:
             end = self._end or _End("closed")
             if self._logout_tag is not None and end.outcome == "logout":
                 await self._hand_back(self._logout_tag)
-            else:
-                self._logout_tag = None
             await self._finish(end)
             return end.outcome
         finally:
-            if self._logout_tag is None:
+            if not self._handed_back:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(self._up_stream)
 
@@ -179,6 +178,7 @@ class ImapRelay:
         assert self._give_back is not None
         with trio.CancelScope(shield=True):
             self.upstream.reclaim(self._up_stream, self._up_pending, selected=self.state.selected)
+            self._handed_back = True
             await self._give_back(self.upstream)
         await self._send_farewell(bye("Logging out.") + tag + b" OK LOGOUT completed.\r\n")
 
