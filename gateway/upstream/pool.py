@@ -220,13 +220,17 @@ class UpstreamPool:
     def _retire(self, conn: UpstreamIMAP, why: str, *, polite: bool = True) -> None:
         log.debug("pooled upstream connection to %s closed: %s", conn.where, why)
         if self._nursery is not None:
-            if polite:
-                self._nursery.start_soon(conn.logout, self.limits.logout_timeout)
-            else:
-                self._nursery.start_soon(conn.aclose)
+            self._nursery.start_soon(self._goodbye, conn, polite)
             return
         # No maintenance task (a bare connector): close at once, without a goodbye.
         conn.abandon()
+
+    async def _goodbye(self, conn: UpstreamIMAP, polite: bool) -> None:
+        try:
+            if polite:
+                await conn.logout(self.limits.logout_timeout)
+        finally:  # cancelled (shutdown) or done: the socket is closed either way
+            conn.abandon()
 
     async def maintain(self) -> None:
         """Close expired and dead pooled connections until cancelled; then log out every pooled
