@@ -86,10 +86,20 @@ class DelayRelay:
                 continue
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._pipe(client, upstream)
-            self._pipe(upstream, client)
+            ended = threading.Semaphore(0)  # one release per direction that ended
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+            def close_both(a: socket.socket = client, b: socket.socket = upstream,
+                           ended: threading.Semaphore = ended) -> None:
+                ended.acquire()
+                ended.acquire()
+                a.close()
+                b.close()
+
+            self._pipe(client, upstream, ended)
+            self._pipe(upstream, client, ended)
+            threading.Thread(target=close_both, daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, ended: threading.Semaphore) -> None:
         queue: list[tuple[float, int, bytes]] = []
         ready = threading.Condition()
         counter = iter(range(1 << 62))
@@ -120,10 +130,11 @@ class DelayRelay:
                 try:
                     if not data:
                         dst.shutdown(socket.SHUT_WR)
+                        ended.release()
                         return
                     dst.sendall(data)
                 except OSError:
-                    src.close()
+                    ended.release()
                     return
 
         threading.Thread(target=reader, daemon=True).start()
