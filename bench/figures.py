@@ -401,8 +401,9 @@ def fig_login_rate(env: BenchEnv) -> list[Figure]:
     mailgate_ms = mailgate.extra.get("mailgate_cpu_ms_per_login")
     if dovecot_ms and mailgate_ms:
         notes.append(
-            "a login through mailgate also costs a full Dovecot login upstream: when CPU is "
-            f"the limit the ratio cannot exceed {dovecot_ms:.1f} / ({dovecot_ms:.1f} + "
+            "a login through mailgate that finds no pooled upstream connection also costs a "
+            "full Dovecot login upstream: for such logins, when CPU is the limit, the ratio "
+            f"cannot exceed {dovecot_ms:.1f} / ({dovecot_ms:.1f} + "
             f"{mailgate_ms:.1f}) = {login_ratio_ceiling(dovecot_ms, mailgate_ms):.2f}")
     return [Figure(
         "2", f"logins/s, {s.load_clients} concurrent clients", LOAD_CLIENT,

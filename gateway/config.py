@@ -369,6 +369,8 @@ class Limits(_Section):
     # The PostgreSQL store ([store] url).
     store_connections: int = Field(10, ge=2)  # pooled connections per instance
     store_timeout: float = Field(10, gt=0)  # waiting for a pooled connection / connecting
+    upstream_pool_size: int = Field(2, ge=0)  # idle logged-in connections kept per account
+    upstream_pool_idle: float = Field(300, gt=0)  # seconds one may stay idle in the pool
 
 
 class Config(_Section):

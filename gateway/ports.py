@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .config import Config, ProviderConfig, UserConfig
+    from .frontends.pop3_listing import Listing
     from .oauth.store import AccountRecord, AccountStatus, SealedSecret
     from .upstream.client import UpstreamIMAP
     from .upstream.smtp import UpstreamSMTP
@@ -43,6 +44,7 @@ __all__ = [
     "KdfRunner",
     "LocalAccount",
     "SmtpConnector",
+    "Pop3ListingStore",
     "TokenSource",
     "UpstreamConnector",
 ]
@@ -122,18 +124,34 @@ class Accounts(Protocol):
 
 
 class UpstreamConnector(Protocol):
-    """Opens logged-in upstream IMAP connections and owns the per-account connection caps.
+    """Opens logged-in upstream IMAP connections, owns the per-account connection caps and the
+    pool of idle logged-in connections (:mod:`gateway.upstream.pool`).
 
     The release path: the returned connection holds its account's slot (see
     :mod:`gateway.upstream.slots`) and gives it back when it is closed -- ``aclose()`` or
-    ``logout()``, or closing the stream it hands to the IMAP relay with ``detach()``. Callers
-    therefore close what :meth:`open` returned on every path, and nothing else.
+    ``logout()``, or closing the stream it hands to the IMAP relay with ``detach()`` -- or
+    when it is given to :meth:`release`. Callers therefore close or release what :meth:`open`
+    returned on every path, and nothing else.
     """
 
-    async def open(self, account: TokenSource) -> UpstreamIMAP:
-        """Connect, authenticate with the account's token (one refresh-and-retry). Raises
-        ``ReauthorizationRequired``, ``TemporaryFailure`` (``UpstreamError`` for the IMAP
-        side) or ``AuthenticationFailed``."""
+    async def open(
+        self, account: TokenSource, *, accept: frozenset[str] = frozenset()
+    ) -> UpstreamIMAP:
+        """A logged-in connection: a pooled one of this account logged in with its current
+        token (``accept``: the lasting extensions, e.g. ``CONDSTORE``, the caller does not
+        mind), else a new login (one refresh-and-retry). Raises ``ReauthorizationRequired``,
+        ``TemporaryFailure`` (``UpstreamError`` for the IMAP side) or ``AuthenticationFailed``."""
+        ...
+
+    async def release(self, conn: UpstreamIMAP, *, clean: bool) -> None:
+        """The session is done with ``conn``: pool it when ``clean`` (nothing outstanding,
+        nothing of the session's state left on it but a selected mailbox), else log it out.
+        Bounded by ``limits.logout_timeout``; never raises."""
+        ...
+
+    async def maintain(self) -> None:
+        """The pool's task, run by the server: closes idle and dead pooled connections; when
+        cancelled (shutdown) logs every pooled connection out."""
         ...
 
     def update_config(self, config: Config) -> None:
@@ -232,3 +250,16 @@ class CredentialStore(Protocol):
     def close(self) -> None:
         """Release connections and threads (a no-op for SQLite)."""
         ...
+
+class Pop3ListingStore(Protocol):
+    """Each account's remembered POP3 listing (:mod:`gateway.frontends.pop3_listing`).
+
+    Methods block; async callers run them in a worker thread. Today one JSON file per account
+    under ``state_dir/pop3/`` (``ListingFiles``); a database store can implement the same two
+    methods. ``load`` returns ``None`` for nothing usable (absent or damaged); ``save``
+    replaces atomically and raises ``OSError`` on failure.
+    """
+
+    def load(self, account: str) -> Listing | None: ...
+
+    def save(self, account: str, listing: Listing) -> None: ...

@@ -7,7 +7,8 @@ Theory of operation
     run()
     └── nursery
         ├── accept scope: one trio.serve_listeners per [[listener]] (cancelled first at shutdown)
-        └── connection nursery: one task per client connection
+        └── connection nursery: one task per client connection, and the upstream pool's
+              task (``ctx.connector.maintain``: logs pooled connections out when cancelled)
               └── _handle(): limits → implicit TLS → front end → close (always)
 
 Every connection task is wrapped by :meth:`_handle`: whatever a session raises is logged (as one
@@ -142,6 +143,7 @@ class GatewayServer:
         try:
             with self._conn_scope:
                 async with trio.open_nursery() as conn_nursery:
+                    conn_nursery.start_soon(self.ctx.connector.maintain)  # the upstream pool
                     with self._accept_scope:
                         async with trio.open_nursery() as accept_nursery:
                             for lst, listeners in bound:

@@ -49,11 +49,19 @@ own, or breaks) → the client gets ``* BYE`` unless the upstream sent one, or u
 came in the middle of a response, where any byte mailgate added would be taken for message data
 (the client then sees the connection close mid-response, which every client treats as an
 error); the client connection is then closed by the server.
+
+Handing back (when the session was given ``give_back``): a client's ``LOGOUT`` that the
+``RelayState`` finds clean (:attr:`~gateway.protocol.imap_relay_state.RelayState.hand_back_ok`;
+with a mailbox selected only if the upstream has UNSELECT) is not sent upstream: the relay
+stops, the upstream connection is taken back (:meth:`UpstreamIMAP.reclaim`) and handed to
+``give_back`` (the pool: UNSELECT, then idle until the next login), and only then does the
+client get ``* BYE`` and its tagged ``OK``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -128,6 +136,7 @@ class ImapRelay:
         limits: "Limits",
         client_buffered: bytes = b"",
         user: str = "-",
+        give_back: Callable[[UpstreamIMAP], Awaitable[None]] | None = None,
     ):
         self.client = client
         self.upstream = upstream
@@ -157,6 +166,9 @@ class ImapRelay:
         self._stall_since: float | None = None
         self._watch: trio.CancelScope | None = None  # the watchdog's sleep
         self._watch_at = float("inf")  # ... and when it ends
+        self._give_back = give_back
+        self._logout_tag: bytes | None = None  # a LOGOUT answered here (handing back)
+        self._handed_back = False  # the upstream connection belongs to the pool now
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -168,11 +180,29 @@ class ImapRelay:
                 nursery.start_soon(self._guard, self._upstream_to_client, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._watchdog, nursery.cancel_scope)
             end = self._end or _End("closed")
+            if self._logout_tag is not None and end.outcome == "logout":
+                await self._hand_back(self._logout_tag)
             await self._finish(end)
             return end.outcome
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self._up_stream)
+            if not self._handed_back:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self._up_stream)
+
+    async def _hand_back(self, tag: bytes) -> None:
+        assert self._give_back is not None
+        with trio.CancelScope(shield=True):
+            self.upstream.reclaim(self._up_stream, self._up_pending, selected=self.state.selected)
+            self._handed_back = True
+            await self._give_back(self.upstream)
+        await self._send_farewell(bye("Logging out.") + tag + b" OK LOGOUT completed.\r\n")
+
+    def _may_hand_back(self, event: CommandLine, out: bytearray) -> bool:
+        return (
+            self._give_back is not None and event.name == b"LOGOUT" and not out
+            and self.state.hand_back_ok and self.scanner.at_boundary
+            and (not self.state.selected or "UNSELECT" in self.upstream.capabilities)
+        )
 
     async def _guard(self, task: Any, scope: trio.CancelScope) -> None:
         try:
@@ -307,6 +337,11 @@ class ImapRelay:
                 raise _End("protocol_error", f"{str(exc).capitalize()}.") from None
             if event is NEED_DATA:
                 return
+            if isinstance(event, CommandLine):
+                self.state.arguments(event.arguments)
+                if self._may_hand_back(event, out):
+                    self._logout_tag = event.tag
+                    raise _End("logout")
             if isinstance(event, (CommandLine, Forward)):
                 out += event.data
                 if isinstance(event, CommandLine):

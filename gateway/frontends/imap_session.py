@@ -31,7 +31,9 @@ together with any bytes the client pipelined after its login command.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,12 +103,20 @@ async def handle_imap(stream: ClientStream, ctx: "GatewayContext") -> None:
             limits=ctx.config.limits,
             client_buffered=logged_in.pipelined,
             user=logged_in.account.name,
+            give_back=_give_back(ctx),
         )
     except BaseException:
         with trio.CancelScope(shield=True):
             await logged_in.upstream.aclose()
         raise
     stream.outcome = await relay.run()
+
+
+def _give_back(ctx: "GatewayContext") -> Callable[["UpstreamIMAP"], Awaitable[None]] | None:
+    """How the relay returns a clean connection after the client's LOGOUT: to the pool."""
+    if ctx.config.limits.upstream_pool_size == 0:
+        return None
+    return functools.partial(ctx.connector.release, clean=True)
 
 
 @dataclass

@@ -7,8 +7,11 @@ A :class:`Maildrop` is what a POP3 session sees after login. It keeps RFC 1939's
 top of IMAP:
 
 * **Snapshot at login.** :meth:`Maildrop.open` SELECTs the user's ``pop3_mailbox``
-  (INBOX unless configured) and fetches every message's UID and RFC822.SIZE in one
-  ``UID FETCH 1:* (UID RFC822.SIZE)`` (plus X-GM-MSGID on Gmail). Message numbers 1..N refer to that snapshot for
+  (INBOX unless configured) and takes every message's UID and RFC822.SIZE (plus X-GM-MSGID
+  on Gmail) from the listing remembered from the last session, asking the upstream only
+  what changed (:mod:`gateway.frontends.pop3_listing`: nothing when EXISTS and UIDNEXT are
+  unchanged), or in one ``UID FETCH 1:* (UID RFC822.SIZE)`` when nothing usable is
+  remembered. Message numbers 1..N refer to that snapshot for
   the whole session; mail arriving meanwhile waits for the next session, mail removed by
   another client answers ``-ERR`` for its number while the session goes on.
 * **DELE only marks.** DELE and RSET change nothing upstream. Marked messages drop out of
@@ -73,14 +76,19 @@ import logging
 import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import MailgateError
 from ..protocol import pop3
 from ..upstream.client import CommandFailed, MessageVanished, UnsafeExpunge, UpstreamIMAP
+from .pop3_listing import Listing, refresh_listing
+
+if TYPE_CHECKING:
+    from ..ports import Pop3ListingStore
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -115,7 +123,7 @@ class CommitRefused(MailgateError):
     """QUIT could not apply the deletions (nothing was deleted); ``str()`` says why."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     number: int
     uid: int
@@ -213,7 +221,12 @@ class SizeCache:
             self._sizes[key] = size
             self._dirty = True
 
+    def __len__(self) -> int:
+        return len(self._sizes)
+
     def retain(self, uidvalidity: int, uids: Iterable[int]) -> None:
+        if not self._sizes:
+            return
         keep = {self._key(uidvalidity, uid) for uid in uids}
         kept = {k: v for k, v in self._sizes.items() if k in keep}
         if len(kept) != len(self._sizes):
@@ -312,28 +325,42 @@ class Maildrop:
         self._server_sizes = server_sizes
         self._sizes = size_cache
         self._retrieved: set[int] = set()  # UIDs fully sent by RETR, not yet marked \Seen
+        self._listing: Listing | None = None  # as remembered for the next session
+        self._listings: Pop3ListingStore | None = None
+        self._account = ""
         self._verbatim: dict[int, bool] = {}  # UID -> BINARY[] is the stored message
 
     # ------------------------------------------------------------------ opening
 
     @classmethod
     async def open(
-        cls, upstream: UpstreamIMAP, *, mailbox: str, delete_mode: str, size_cache: SizeCache
+        cls, upstream: UpstreamIMAP, *, mailbox: str, delete_mode: str, size_cache: SizeCache,
+        listings: Pop3ListingStore | None = None, account: str = "",
     ) -> Maildrop:
-        """SELECT ``mailbox`` and take the snapshot of UIDs, sizes and UIDLs."""
+        """SELECT ``mailbox`` and take the snapshot of UIDs, sizes and UIDLs: from the listing
+        remembered in ``listings`` and what changed upstream since (:mod:`gateway.frontends.
+        pop3_listing`), or all of it."""
         info = await upstream.select(mailbox)
         uidvalidity = int(info.uidvalidity or 0)
         gmail = "X-GM-EXT-1" in upstream.capabilities
-        snapshot = await _snapshot(upstream, gmail=gmail) if info.exists else []
+        remembered = None
+        if listings is not None:
+            remembered = await trio.to_thread.run_sync(listings.load, account)
+        listing, changed = await refresh_listing(upstream, info, remembered, gmail=gmail)
+        if listings is not None and changed:
+            await trio.to_thread.run_sync(listings.save, account, listing)
+        snapshot = listing.messages
         await size_cache.load()
         size_cache.retain(uidvalidity, (uid for uid, _, _ in snapshot))
         messages = []
+        suffix = default_uidl(uidvalidity, 0)[8:]  # the UIDVALIDITY half of every default UIDL
+        exact_sizes = len(size_cache) > 0
         for number, (uid, server_size, msgid) in enumerate(snapshot, start=1):
-            exact = size_cache.get(uidvalidity, uid)
-            uidl = gmail_uidl(msgid) if msgid is not None else default_uidl(uidvalidity, uid)
+            exact = size_cache.get(uidvalidity, uid) if exact_sizes else None
+            uidl = gmail_uidl(msgid) if msgid is not None else f"{uid:08x}{suffix}"
             messages.append(Message(number, uid, server_size if exact is None else exact, uidl))
         await size_cache.save()
-        return cls(
+        drop = cls(
             upstream,
             mailbox=mailbox,
             delete_mode=delete_mode,
@@ -342,6 +369,8 @@ class Maildrop:
             server_sizes={uid: size for uid, size, _ in snapshot},
             size_cache=size_cache,
         )
+        drop._listing, drop._listings, drop._account = listing, listings, account
+        return drop
 
     # ------------------------------------------------------------------ listings
 
@@ -501,9 +530,24 @@ class Maildrop:
                 raise CommitRefused("No \\Trash mailbox upstream; no messages deleted")
             if trash != self.mailbox:
                 await self._move(uids, trash)
+                await self._forget(uids)
                 return f"Logging out, {len(uids)} messages moved to {trash}"
         await self._expunge(uids)
+        await self._forget(uids)
         return f"Logging out, {len(uids)} messages deleted"
+
+    async def _forget(self, uids: list[int]) -> None:
+        """The upstream confirmed these UIDs gone: the remembered listing drops them, so the
+        next session finds it current (rule 3 of :mod:`gateway.frontends.pop3_listing`)."""
+        if self._listings is None or self._listing is None:
+            return
+        gone = set(uids)
+        kept = tuple(m for m in self._listing.messages if m[0] not in gone)
+        self._listing = replace(self._listing, messages=kept)
+        try:
+            await trio.to_thread.run_sync(self._listings.save, self._account, self._listing)
+        except OSError as exc:
+            log.warning("cannot save the POP3 listing of %s: %s", self._account, exc)
 
     async def _expunge(self, uids: list[int]) -> None:
         caps = self._upstream.capabilities
@@ -527,25 +571,6 @@ class Maildrop:
             # The client's COPY fallback would end in a plain EXPUNGE: refuse instead.
             raise CommitRefused("The upstream server has neither MOVE nor UIDPLUS: no messages moved")
         await self._upstream.uid_move(uids, mailbox)
-
-
-Snapshot = list[tuple[int, int, int | None]]  # (uid, RFC822.SIZE, X-GM-MSGID) in mailbox order
-
-
-async def _snapshot(upstream: UpstreamIMAP, *, gmail: bool) -> Snapshot:
-    """UID, RFC822.SIZE (and on Gmail X-GM-MSGID) of every message, in one UID FETCH.
-
-    The answers are read by the upstream client's response reader, whose FETCH parse takes
-    plain number lists on a fast path (a 10,000-message mailbox is one command and no general
-    parse); a message whose answer lacks UID or RFC822.SIZE is left out.
-    """
-    items = (b"UID", b"RFC822.SIZE", b"X-GM-MSGID") if gmail else (b"UID", b"RFC822.SIZE")
-    snapshot: Snapshot = []
-    for fetched in await upstream.fetch_all(items):
-        uid, size, msgid = fetched.get(b"UID"), fetched.get(b"RFC822.SIZE"), fetched.get(b"X-GM-MSGID")
-        if isinstance(uid, int) and isinstance(size, int):
-            snapshot.append((uid, size, msgid if isinstance(msgid, int) else None))
-    return snapshot
 
 
 class _Answer:

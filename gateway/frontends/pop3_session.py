@@ -63,7 +63,8 @@ from ..oauth.store import StoreError
 from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
 from ..upstream.client import CommandFailed, UpstreamIMAP
-from .pop3_mapping import CommitRefused, Maildrop, MessageUnavailable, SizeCache
+from .pop3_listing import ListingFiles
+from .pop3_mapping import STATE_SUBDIR, CommitRefused, Maildrop, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
     from ..context import GatewayContext
@@ -182,17 +183,17 @@ class Pop3Session:
                     except MailgateError as exc:
                         log.info("pop3 %s: could not mark retrieved messages seen: %s",
                                  self.stream.peer, exc)
-            if self.upstream is not None:
-                upstream, self.upstream = self.upstream, None
-                with trio.move_on_after(self.limits.logout_timeout):
-                    try:
-                        await upstream.aclose()
-                    except Exception:  # closing a broken upstream: nothing left to do
-                        log.debug("pop3 %s: upstream close failed", self.stream.peer, exc_info=True)
+            # The maildrop is done with: unlock first, so a client polling again at once is
+            # not refused while the connection is given back.
             if self.lock is not None:  # a store call (PostgreSQL: a round trip), bounded
                 lock, self.lock = self.lock, None
                 with trio.move_on_after(self.limits.logout_timeout):
                     await trio.to_thread.run_sync(lock.release, abandon_on_cancel=True)
+            if self.upstream is not None:
+                # Back to the account's pool (mailbox left with UNSELECT) or logged out: a
+                # connection interrupted mid-command is unusable and never pooled.
+                upstream, self.upstream = self.upstream, None
+                await self.ctx.connector.release(upstream, clean=True)
 
     # ------------------------------------------------------------------ I/O
 
@@ -360,12 +361,10 @@ class Pop3Session:
             log.warning("pop3 %s: %s: deleting failed: %s", self.stream.peer, self.account.name, exc)
             await self.send(pop3.err("Some deleted messages were not removed.", Code.SYS_TEMP))
             return
-        await self._logout_upstream()
+        # The upstream back to the pool and the maildrop unlocked *before* the +OK: a client
+        # that polls again at once must find both free.
+        await self._release()
         await self.send(pop3.ok(f"{text}."))
-
-    async def _logout_upstream(self) -> None:
-        assert self.upstream is not None
-        await self.upstream.logout(self.limits.logout_timeout)
 
     # ------------------------------------------------------------------ the login
 
@@ -390,6 +389,8 @@ class Pop3Session:
                 mailbox=user.pop3_mailbox,
                 delete_mode=user.pop3_delete,
                 size_cache=SizeCache.for_account(self.ctx.config.server.state_dir, account.name),
+                listings=ListingFiles(self.ctx.config.server.state_dir / STATE_SUBDIR),
+                account=account.name,
             )
         except AuthenticationFailed:
             await self._release()

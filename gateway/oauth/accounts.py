@@ -126,6 +126,7 @@ class Account:
         self._unsaved_refresh: tuple[float, str] | None = None  # (stored `updated`, new token)
         self._status_written: str | None = None
         self._rejected: str | None = None  # the access token the upstream server last refused
+        self._record_updated: float | None = None  # `updated` of the account record last seen
         self._publish = publish
 
     def __repr__(self) -> str:
@@ -155,6 +156,14 @@ class Account:
         if cached is None:
             return None
         return time.time() + (cached.expires_at - trio.current_time())
+
+    def note_record(self, updated: float) -> None:
+        """The account record as a login read it: a rewritten record (``mailgate authorize``
+        again: a new grant) drops the cached access token, so nothing logged in with a token
+        of the old grant -- a pooled upstream connection -- is used any more."""
+        if self._record_updated is not None and updated != self._record_updated:
+            self._tokens.invalidate()
+        self._record_updated = updated
 
     def unlock(self, data_key: bytes) -> None:
         if data_key != self._data_key:
@@ -441,6 +450,7 @@ class AccountManager:
             await self._remember_address(account.name, peer)
         record = await self._record(account.name)
         assert record is not None
+        account.note_record(record.updated)
         if record.provider != account.provider.name:
             raise ReauthorizationRequired(
                 account.name,

@@ -45,6 +45,15 @@ own answers wait in the same queue (rule 3). From them and a few flags come the 
 the upstream owe an answer (the stall deadline), is a mailbox selected (``SELECT``/``EXAMINE``
 OK selects, ``NO`` deselects, ``CLOSE``/``UNSELECT`` OK deselects), was LOGOUT sent, was BYE
 seen — and :attr:`RelayState.clean`: all of these at rest.
+
+Rule 4: whatever a command leaves on the connection beyond its own answer *taints* it for the
+pool of upstream connections (:mod:`gateway.upstream.pool`): ``ENABLE``, ``COMPRESS``,
+``NOTIFY``, ``STARTTLS``, ``CONDSTORE``/``QRESYNC`` (enabled by ``SELECT … (CONDSTORE)``, a
+``MODSEQ`` search, ``CHANGEDSINCE``, ``UNCHANGEDSINCE``), and any command not listed in
+:data:`RESTING_COMMANDS` (anything doubtful). :attr:`RelayState.tainted` never goes back;
+:attr:`RelayState.hand_back_ok` says whether the client's ``LOGOUT`` just received may be
+answered by mailgate and the connection kept: it is the only command in flight, nothing else
+is half sent or unanswered, nothing tainted the connection, no ``* BYE`` came.
 """
 
 from __future__ import annotations
@@ -58,7 +67,9 @@ from typing import Final
 __all__ = [
     "LITERAL_PHASES",
     "LOGOUT_COMMAND",
+    "LASTING_WORDS",
     "REFUSED",
+    "RESTING_COMMANDS",
     "TRANSITIONS",
     "Event",
     "Phase",
@@ -76,6 +87,20 @@ REFUSED: Final[Mapping[bytes, bytes]] = {
     b"LOGIN": b"Already logged in.",
     b"AUTHENTICATE": b"Already logged in.",
 }
+
+
+#: Commands whose effect ends with their answer or with the selected mailbox (which the pool
+#: leaves with UNSELECT): a session that used only these leaves nothing for the next (rule 4).
+RESTING_COMMANDS: Final = frozenset({
+    b"CAPABILITY", b"NOOP", b"LOGOUT", b"ID", b"SELECT", b"EXAMINE", b"CREATE", b"DELETE",
+    b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE", b"LIST", b"LSUB", b"XLIST", b"STATUS", b"APPEND",
+    b"NAMESPACE", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"SEARCH", b"FETCH", b"STORE",
+    b"COPY", b"MOVE", b"IDLE", b"SORT", b"THREAD", b"GETQUOTA", b"GETQUOTAROOT", b"GETACL",
+    b"MYRIGHTS", b"LISTRIGHTS", b"GETMETADATA", b"UID SEARCH", b"UID FETCH", b"UID STORE",
+    b"UID COPY", b"UID MOVE", b"UID EXPUNGE", b"UID SORT", b"UID THREAD",
+})
+#: Words in a command's arguments that enable an extension for the rest of the connection.
+LASTING_WORDS: Final = (b"CONDSTORE", b"QRESYNC", b"MODSEQ", b"CHANGEDSINCE", b"UNCHANGEDSINCE")
 
 
 class Phase(enum.Enum):
@@ -213,6 +238,8 @@ class RelayState:
         self.selected = False
         self.logout_sent = False
         self.bye_seen = False
+        #: Something lasts on the connection beyond this session (rule 4); never reset.
+        self.tainted = False
 
     def _fire(self, event: Event) -> None:
         try:
@@ -241,6 +268,8 @@ class RelayState:
                 return Refusal(answer, due=True)
             self._in_flight.append(_InFlight(tag, _Kind.ANSWER, answer))
             return Refusal(answer, due=False)
+        if name not in RESTING_COMMANDS:
+            self.tainted = True
         kind = _KIND_OF.get(name, _Kind.COMMAND)
         self._in_flight.append(_InFlight(tag, kind))
         if kind is not _Kind.IDLE:
@@ -248,6 +277,12 @@ class RelayState:
         if name == b"LOGOUT":
             self.logout_sent = True
         return None
+
+    def arguments(self, arguments: bytes) -> None:
+        """The rest of the first line of the command just started (after its name)."""
+        upper = arguments.upper()
+        if any(word in upper for word in LASTING_WORDS):
+            self.tainted = True
 
     def client_event(self, event: Event) -> None:
         """A line after the first one of a command, the end of a literal, DONE."""
@@ -336,6 +371,16 @@ class RelayState:
         sent or unanswered, no IDLE, no mailbox selected, neither LOGOUT sent nor BYE seen."""
         return not (
             self.in_command or self._in_flight or self.selected or self.logout_sent or self.bye_seen
+        )
+
+    @property
+    def hand_back_ok(self) -> bool:
+        """The client's LOGOUT just received is the only command in flight, and the session
+        left nothing on the connection but perhaps a selected mailbox (rule 4)."""
+        queue = self._in_flight
+        return (
+            self.logout_sent and not self.tainted and not self.bye_seen
+            and self.phase is Phase.COMMAND and len(queue) == 1 and queue[0].tag == self.tag
         )
 
     def describe(self) -> str:

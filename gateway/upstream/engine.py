@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import ssl
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -177,6 +178,12 @@ class IMAPConnection:
         self._closed = False
         self._bye: str | None = None
         self.slot: SlotLike | None = None
+        #: Fingerprint of the access token this connection logged in with (the pool's check).
+        self.credential = b""
+        #: Extensions enabled for the rest of the connection (e.g. ``CONDSTORE``): the pool
+        #: hands such a connection only to a session that accepts them.
+        self.lasting: frozenset[str] = frozenset()
+        self._ahead: list[tuple[bytes, str]] = []  # (tag, name) sent without waiting
         self.capabilities: frozenset[str] = frozenset()
         self.greeting: Response | None = None
 
@@ -198,6 +205,29 @@ class IMAPConnection:
             raise UpstreamError(f"connection to {self.where} is closed")
         if self._broken:
             raise UpstreamError(self._broken)
+
+    @property
+    def usable(self) -> bool:
+        """Open, not broken, no ``* BYE`` seen: the connection may take another command."""
+        return not (self._closed or self._broken or self._bye)
+
+    def data_waiting(self) -> bool:
+        """Anything arrived that no command asked for (at rest: a ``* BYE``, a closed socket).
+        Looks without reading: buffered events, a half-read response, a readable socket."""
+        if self._ahead:
+            return False  # the answer to a command sent ahead is expected: see settle()
+        if self._events or not self._framer.at_boundary:
+            return True
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return False
+        try:
+            readable, _, _ = select.select([stream.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def interrupted(self, name: str) -> None:
         """A command ended without its tagged answer (error or cancellation): the stream is
@@ -267,11 +297,40 @@ class IMAPConnection:
 
     # ------------------------------------------------------------------ commands
 
+    async def send_ahead(self, cmd: bytes) -> None:
+        """Send ``cmd`` without waiting for its answer; the next :meth:`command` (or
+        :meth:`settle`) reads the answer first. Saves a round trip when nobody waits for it."""
+        self.check_usable()
+        tag = self.next_tag()
+        name = _command_name(cmd)
+        try:
+            await self.send(tag + b" " + cmd + b"\r\n")
+        except BaseException:
+            self.interrupted(name)
+            raise
+        self._ahead.append((tag, name))
+
+    async def settle(self) -> list[UpstreamResponse]:
+        """The answers to the commands sent ahead, in order (``[]`` if none)."""
+        answers = []
+        while self._ahead:
+            tag, name = self._ahead[0]
+            try:
+                answers.append(await self._collect(tag, name))
+            except BaseException:
+                self.interrupted(name)
+                raise
+            self._ahead.pop(0)
+        return answers
+
     async def command(self, cmd: bytes) -> UpstreamResponse:
         """Send one command (no literals, no CRLF) and collect everything up to its tagged answer."""
         self.check_usable()
         if b"\r" in cmd or b"\n" in cmd:
             raise ValueError("an upstream command must be a single line")
+        if self._ahead:
+            for answer in await self.settle():
+                answer.check()
         tag = self.next_tag()
         name = _command_name(cmd)
         try:
@@ -406,13 +465,27 @@ class IMAPConnection:
                 self.slot.release()
                 self.slot = None
 
+    def abandon(self) -> None:
+        """Close at once without waiting (no task to say goodbye in) and free the slot."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def detach(self) -> tuple[trio.abc.Stream, bytes]:
+    def detach(self) -> tuple[DetachedStream, bytes]:
         """Hand the raw stream to a relay: ``(stream, bytes already read but not consumed)``.
 
         Closing the returned stream frees this connection's slot. This object is unusable
@@ -425,3 +498,16 @@ class IMAPConnection:
         self.slot = None
         self._closed = True
         return stream, buffered
+
+    def reattach(self, stream: DetachedStream, buffered: bytes) -> None:
+        """Take back what :meth:`detach` handed out, with the bytes the relay read but did not
+        relay; the stream must be at a response boundary with no command outstanding."""
+        self._stream, self.slot = stream.reclaim()
+        self._framer = self._new_framer()
+        self._events.clear()
+        self._closed = False
+        if buffered:
+            try:
+                self._events.extend(self._framer.feed(buffered))
+            except ProtocolError as exc:
+                self.fail(f"{self.where} sent something that is not IMAP: {exc}")

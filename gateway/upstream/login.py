@@ -41,6 +41,7 @@ Neither tokens nor SASL messages are ever logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from enum import Enum
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailgate.upstream")
 
-__all__ = ["AuthVerdict", "classify_auth_failure", "open_upstream", "authenticate"]
+__all__ = ["AuthVerdict", "classify_auth_failure", "open_upstream", "authenticate", "token_fingerprint"]
 
 _TEMPORARY_CODES = frozenset({"UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG", "OVERQUOTA"})
 _TEMPORARY_PHRASES = ("suggested backoff time", "too many simultaneous", "throttled", "try again later",
@@ -119,6 +120,12 @@ async def authenticate(
 
 
 Publish = Callable[[dict[str, Any]], Any]
+
+
+def token_fingerprint(token: str) -> bytes:
+    """What a pooled connection remembers of the access token it logged in with (a digest:
+    the token itself is never kept with the connection)."""
+    return hashlib.sha256(token.encode("utf-8")).digest()[:16]
 
 
 async def open_upstream(
@@ -181,6 +188,7 @@ async def _log_in(client: UpstreamIMAP, account: TokenSource) -> None:
         token = await account.access_token(force_refresh=attempt == 2)
         response, challenge = await authenticate(client, provider, upstream_user, token)
         if response.ok:
+            client.credential = token_fingerprint(token)
             if not client.capabilities:
                 await client.refresh_capabilities()
             log.info("%s: logged in upstream as %s (attempt %d)", client.where, upstream_user, attempt)

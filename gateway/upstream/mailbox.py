@@ -36,6 +36,7 @@ from ..protocol.imap_grammar import Value, ValueParser, decode_mailbox, encode_m
 from ..protocol.imap_responses import FetchItems, Response
 from .body import BodyStream
 from .engine import IMAPConnection, UpstreamResponse
+from .transport import DetachedStream
 
 __all__ = [
     "MAX_UID_SET_CHARS",
@@ -47,6 +48,8 @@ __all__ = [
     "uid_set",
 ]
 
+#: The name recorded for a mailbox a relayed IMAP client selected (its name is not tracked).
+RELAYED_MAILBOX = "(selected by the IMAP client)"
 #: Longest UID set written into one command (servers limit command lines; Dovecot 64 KiB).
 MAX_UID_SET_CHARS = 8000
 
@@ -145,6 +148,12 @@ class UpstreamIMAP(IMAPConnection):
 
     selected: MailboxInfo | None = None
 
+    def reclaim(self, stream: DetachedStream, buffered: bytes, *, selected: bool) -> None:
+        """Take the connection back from the IMAP relay (see :meth:`reattach`); ``selected``:
+        the relayed session left a mailbox selected (the pool leaves it with UNSELECT)."""
+        self.reattach(stream, buffered)
+        self.selected = MailboxInfo(RELAYED_MAILBOX, 0, None, None) if selected else None
+
     async def select(self, mailbox: str, *, readonly: bool = False) -> MailboxInfo:
         """SELECT (or EXAMINE) ``mailbox``; raises ``UpstreamNo`` if it does not exist."""
         verb = b"EXAMINE " if readonly else b"SELECT "
@@ -195,6 +204,17 @@ class UpstreamIMAP(IMAPConnection):
             if isinstance(uid, int) and isinstance(size, int):
                 out.append((uid, size))
         return out
+
+    async def uid_search_all(self) -> set[int]:
+        """The UIDs of every message of the selected mailbox (``UID SEARCH ALL``)."""
+        response = (await self.command(b"UID SEARCH ALL")).check()
+        uids: set[int] = set()
+        for r in response.data(b"SEARCH"):
+            words = r.raw.split()[2:]
+            if not all(w.isdigit() for w in words):
+                raise self.fail(f"{self.where} sent a SEARCH answer that cannot be parsed")
+            uids.update(map(int, words))
+        return uids
 
     async def fetch_attrs(self, uids: Iterable[int], attrs: bytes) -> dict[int, FetchItems]:
         """``UID FETCH`` of ``attrs`` (e.g. ``b"X-GM-MSGID"``): ``{uid: {b"X-GM-MSGID": …}}``."""

@@ -219,6 +219,13 @@ class DetachedStream(WrappedStream):
             return await self._stream.receive_some(max_bytes or RECEIVE_SIZE)
         return await receive(self._stream, max_bytes or RECEIVE_SIZE)
 
+    def reclaim(self) -> tuple[trio.abc.Stream, SlotLike | None]:
+        """The raw stream and the slot, back to the upstream client (the relay handed the
+        connection back); this object no longer owns either."""
+        stream, slot = self._stream, self._slot
+        self._slot = None
+        return stream, slot
+
     async def aclose(self) -> None:
         try:
             await self._stream.aclose()

@@ -128,11 +128,23 @@ class Rig:
     def slots_in_use(self) -> int:
         return self.server.ctx.connector.slots(USER).in_use  # type: ignore[attr-defined]
 
-    async def settled(self) -> None:
-        """Wait until no client session, upstream slot or upstream connection is left."""
+    def pooled(self) -> int:
+        """Idle upstream connections kept in the pool (each holds a slot and a connection)."""
+        return self.server.ctx.connector.pool.idle_count(USER)  # type: ignore[attr-defined]
+
+    async def settled(self, *others: GatewayServer) -> None:
+        """Wait until no client session is left, and no upstream slot or upstream connection
+        but those of the pool. ``others``: more gateways a test started on the same upstream
+        proxy (their sessions and pooled connections count too)."""
+        def pooled(server: GatewayServer) -> int:
+            return server.ctx.connector.pool.idle_count(USER)  # type: ignore[attr-defined]
+
         with trio.fail_after(SETTLE_TIMEOUT):
-            while (self.server.active or self.server.sessions or self.slots_in_use()
-                   or self.imap_proxy.open_connections):
+            while (self.server.active or self.server.sessions
+                   or any(o.active or o.sessions for o in others)
+                   or self.slots_in_use() != self.pooled()
+                   or self.imap_proxy.open_connections
+                   != self.pooled() + sum(pooled(o) for o in others)):
                 await trio.sleep(0.02)
 
     async def still_serves(self) -> None:

@@ -145,7 +145,7 @@ async def test_guesses_from_elsewhere_never_lock_out_a_working_device(
     assert await imap_login(server, "alice", PASSWORD, "127.0.0.10") == FAILED
     answer, took = await timed_login(server, "alice", PASSWORD, phone)
     assert answer.startswith(b"a OK") and took < DEVICE_LOGIN_BOUND
-    await rig.settled()
+    await rig.settled(server)
 
 
 async def test_a_burst_of_guesses_gets_at_most_the_allowance_checked(rig: Rig) -> None:
@@ -197,7 +197,7 @@ async def test_a_flood_of_unknown_names_does_not_starve_real_logins(
     assert len(flood_answers) == 300 and set(flood_answers) == {FAILED}
     # Each flooding address had its allowance of dummy derivations, no more.
     assert server.ctx.accounts.kdf.runs <= 3 * REFUSE_AFTER_FAILURES + 2
-    await rig.settled()
+    await rig.settled(quiet, server)
 
 
 async def test_refused_attempts_cannot_wash_out_a_penalty(rig: Rig) -> None:

@@ -411,3 +411,35 @@ def test_config_for_mailgate_with_smtp_is_valid(tmp_path) -> None:  # type: igno
     assert [(lst.protocol, lst.tls) for lst in config.listeners] == [("imap", "implicit"), ("smtp", "implicit")]
     assert config.providers["lab"].smtp == "127.0.0.1:1465"
     assert config.limits.smtp_upstream_connections_per_account >= 100
+
+
+def test_wan_delay_relay_holds_each_direction_for_its_delay_and_keeps_order() -> None:
+    import time
+
+    from bench.wan import DelayRelay
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    relay = DelayRelay(server.getsockname(), 0.05).start()
+    try:
+        with socket.create_connection(("127.0.0.1", relay.port)) as client:
+            start = time.monotonic()
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            assert time.monotonic() - start >= 0.1  # one delay each way
+            payload = bytes(range(256)) * 400
+            client.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                received += client.recv(65536)
+            assert received == payload
+    finally:
+        relay.close()
+        server.close()

@@ -254,3 +254,42 @@ def test_answers_reach_the_client_in_command_order(script: list, rnd: random.Ran
         client_got += [line.split(b" ", 1)[0] for line in s.tagged(tag_done, b"OK").splitlines()]
     assert client_got == tags
     assert s.in_flight == 0 and not s.upstream_owes and not s.in_command
+
+
+def _logout_after(*commands: tuple[bytes, bytes]) -> RelayState:
+    """A state after ``commands`` (name, arguments), each answered OK, then a LOGOUT."""
+    state = RelayState()
+    for n, (name, arguments) in enumerate(commands):
+        tag = b"t%d" % n
+        assert state.command(tag, name, Event.LINE) is None
+        state.arguments(arguments)
+        state.tagged(tag, b"OK")
+    state.command(b"z", b"LOGOUT", Event.LINE)
+    return state
+
+
+def test_a_logout_may_be_answered_locally_only_after_resting_commands() -> None:
+    assert _logout_after().hand_back_ok
+    selected = _logout_after((b"SELECT", b"INBOX"), (b"UID FETCH", b"1:* (FLAGS)"))
+    assert selected.hand_back_ok and selected.selected  # the pool leaves it with UNSELECT
+    for name, arguments in ((b"ENABLE", b"CONDSTORE"), (b"NOTIFY", b"SET (SELECTED MessageNew)"),
+                            (b"SELECT", b"INBOX (CONDSTORE)"), (b"UID FETCH", b"1:* (FLAGS) (CHANGEDSINCE 5)"),
+                            (b"SEARCH", b"MODSEQ 7"), (b"X-UNKNOWN", b"")):
+        state = _logout_after((name, arguments))
+        assert state.tainted and not state.hand_back_ok, name
+
+
+def test_a_logout_behind_an_unanswered_command_or_after_bye_is_relayed() -> None:
+    state = RelayState()
+    state.command(b"a", b"NOOP", Event.LINE)
+    state.command(b"z", b"LOGOUT", Event.LINE)
+    assert not state.hand_back_ok  # the NOOP is still in flight
+    state = _logout_after()
+    state.bye()
+    assert not state.hand_back_ok
+    state = RelayState()
+    state.command(b"a", b"IDLE", Event.LINE)
+    state.client_event(Event.DONE)
+    state.tagged(b"a", b"OK")
+    state.command(b"z", b"LOGOUT", Event.LINE)
+    assert state.hand_back_ok  # a finished IDLE leaves nothing

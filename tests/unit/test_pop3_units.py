@@ -39,6 +39,8 @@ from gateway.upstream.mailbox import fetch_results
 class Info:
     exists: int
     uidvalidity: int
+    name: str = "INBOX"
+    uidnext: int | None = None
 
 
 @dataclass
@@ -340,3 +342,60 @@ def test_uidls_are_valid(uidvalidity: int, uid: int, msgid: int) -> None:
     assert valid_uidl(default_uidl(uidvalidity, uid))
     assert valid_uidl(gmail_uidl(msgid))
 
+
+
+class ListingUpstream(RecordingUpstream):
+    """A RecordingUpstream whose SELECT tells UIDNEXT and which answers UID SEARCH ALL and a
+    UID FETCH of given UIDs."""
+
+    async def select(self, mailbox: str) -> Info:  # type: ignore[override]
+        self.calls.append(("select", mailbox))
+        uidnext = max((uid for uid, _ in self.sizes), default=0) + 1
+        return Info(len(self.sizes), self.uidvalidity, uidnext=uidnext)
+
+    async def uid_search_all(self) -> set[int]:
+        self.calls.append(("search",))
+        return {uid for uid, _ in self.sizes}
+
+    async def fetch_attrs(self, uids: list[int], attrs: bytes) -> dict[int, FetchItems]:
+        self.calls.append(("fetch_attrs", sorted(uids)))
+        sizes = dict(self.sizes)
+        return {uid: {b"UID": uid, b"RFC822.SIZE": sizes[uid]} for uid in uids if uid in sizes}
+
+
+async def test_remembered_listing_costs_no_round_trip_and_then_only_the_changes(
+    tmp_path: Path,
+) -> None:
+    from gateway.frontends.pop3_listing import ListingFiles
+
+    files = ListingFiles(tmp_path / "pop3")
+
+    async def open_remembering(up: RecordingUpstream) -> Maildrop:
+        return await Maildrop.open(up, mailbox="INBOX", delete_mode="expunge",
+                                   size_cache=SizeCache(tmp_path / "sizes.json"),
+                                   listings=files, account="alice")
+
+    first = ListingUpstream(frozenset(), [(2, 10), (4, 20), (9, 30)])
+    await open_remembering(first)
+    assert [c[0] for c in first.calls] == ["select", "fetch_all"]
+    same = ListingUpstream(frozenset(), [(2, 10), (4, 20), (9, 30)])
+    drop = await open_remembering(same)
+    assert [c[0] for c in same.calls] == ["select"]  # EXISTS and UIDNEXT unchanged: nothing asked
+    assert [(m.uid, m.size) for m in drop.messages] == [(2, 10), (4, 20), (9, 30)]
+    # UID 4 expunged elsewhere, 11 and 12 added: one search, sizes of the new ones only.
+    changed = ListingUpstream(frozenset(), [(2, 10), (9, 30), (11, 5), (12, 6)])
+    drop = await open_remembering(changed)
+    assert [c for c in changed.calls if c[0] != "select"] == [("search",), ("fetch_attrs", [11, 12])]
+    assert [(m.number, m.uid, m.size) for m in drop.messages] == [
+        (1, 2, 10), (2, 9, 30), (3, 11, 5), (4, 12, 6)]
+    # A new UIDVALIDITY: the whole listing again.
+    renewed = ListingUpstream(frozenset(), [(1, 7)], uidvalidity=99)
+    drop = await open_remembering(renewed)
+    assert [c[0] for c in renewed.calls] == ["select", "fetch_all"]
+    assert [m.uidl for m in drop.messages] == ["0000000100000063"]
+    # A damaged file is ignored (and rebuilt).
+    (tmp_path / "pop3" / "alice.listing.json").write_text("{not json")
+    again = ListingUpstream(frozenset(), [(1, 7)], uidvalidity=99)
+    await open_remembering(again)
+    assert [c[0] for c in again.calls] == ["select", "fetch_all"]
+    assert files.load("alice") is not None

@@ -93,9 +93,17 @@ class UnavailableConnector:
     def __init__(self) -> None:
         self.opened: list[str] = []
 
-    async def open(self, account: ports.TokenSource) -> UpstreamIMAP:
+    async def open(
+        self, account: ports.TokenSource, *, accept: frozenset[str] = frozenset()
+    ) -> UpstreamIMAP:
         self.opened.append(account.upstream_user)
         raise TemporaryFailure("the provider is down")
+
+    async def release(self, conn: UpstreamIMAP, *, clean: bool) -> None:
+        raise AssertionError("nothing was opened, nothing can be released")
+
+    async def maintain(self) -> None:
+        await trio.sleep_forever()
 
     def update_config(self, config: Config) -> None:
         pass
