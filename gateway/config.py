@@ -126,6 +126,19 @@ class LoggingSection(_Section):
 Networks = list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
+def in_networks(host: str, networks: Networks) -> bool:
+    """Whether the address ``host`` (IPv4-mapped IPv6 counted as IPv4, a zone id ignored) lies
+    in one of ``networks``: the one test behind ``plaintext_auth_from``, ``relay_from`` and
+    ``proxy_protocol_from``."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 class ListenerConfig(_Bound):
     protocol: Literal["imap", "pop3", "smtp"]
     tls: Literal["implicit", "starttls", "none"]

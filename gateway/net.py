@@ -21,13 +21,12 @@ and never finishes the handshake does not hold a slot for long.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import time
 
 import trio
 
-from .config import ListenerConfig
+from .config import ListenerConfig, in_networks
 from .tls import TLSStream
 
 RECEIVE_SIZE = 65536  # SSLStream returns at most one 16 KiB record per call; plain TCP more.
@@ -138,15 +137,7 @@ class ClientStream:
         """Password logins are allowed over TLS, or from the listener's plaintext networks."""
         if self.tls_active:
             return True
-        if not self.listener.plaintext_auth_from:
-            return False
-        try:
-            ip = ipaddress.ip_address(self.peer_host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.listener.plaintext_auth_from)
+        return in_networks(self.peer_host, self.listener.plaintext_auth_from)
 
     async def aclose(self) -> None:
         """Close without waiting long: a TLS close_notify to a dead peer must not hang us."""

@@ -25,31 +25,16 @@ keep the bare socket stream: no extra layer on the data path.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from collections.abc import Sequence
 
 import trio
 
-from .config import Limits, ListenerConfig
+from .config import Limits, ListenerConfig, in_networks
 from .protocol.proxy_header import ProxyHeaderError, ProxyHeaderReader, starts_with_proxy_signature
 
 log = logging.getLogger("mailgate.server")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-__all__ = ["ListenerStream", "client_address", "in_networks"]
-
-
-def in_networks(host: str, networks: Sequence[Network]) -> bool:
-    """Whether an address (IPv4-mapped IPv6 counted as IPv4) lies in one of ``networks``."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+__all__ = ["ListenerStream", "client_address"]
 
 
 class ListenerStream(trio.abc.Stream):

@@ -64,13 +64,13 @@ tokens and SASL data are never logged.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..config import in_networks
 from ..errors import AuthenticationFailed, MailgateError, ReauthorizationRequired, TemporaryFailure
 from ..protocol import sasl, smtp
 from ..protocol.smtp import Command, Extensions, Reply, State
@@ -120,16 +120,6 @@ async def handle_smtp(stream: ClientStream, ctx: GatewayContext) -> None:
     await SmtpSession(stream, ctx).run()
 
 
-def _in_networks(peer_host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(peer_host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
-
-
 @dataclass
 class _Transaction:
     """The envelope of the message in progress (counts only: nothing personal is logged)."""
@@ -152,7 +142,7 @@ class SmtpSession:
         self.bad_commands = 0
         self.account: LocalAccount | None = None  # after AUTH (or the relay user)
         self.authenticated = False
-        self.relay_peer = bool(self.listener.relay_from) and _in_networks(
+        self.relay_peer = bool(self.listener.relay_from) and in_networks(
             stream.peer_host, self.listener.relay_from)
         self.upstream: UpstreamSMTP | None = None
         self.extensions = Extensions(smtputf8=False, chunking=False)
