@@ -236,6 +236,11 @@ class CredentialStore(Protocol):
     def remember_address(self, account: str, digest: bytes, last_seen: float,
                          *, forget_before: float) -> None: ...
 
+    def adopt_address_key(self, key: bytes) -> None:
+        """Use ``key`` for the address digests from now on (``migrate-store``: the digests
+        copied from another store were made under it). Run with the gateways stopped."""
+        ...
+
     def refresh_lock(self, account: str, timeout: float) -> HeldLock:
         """The account's token-refresh lock, exclusive across every process and instance using
         this store, released when its holder dies; waits up to ``timeout`` seconds, then

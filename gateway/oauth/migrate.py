@@ -5,9 +5,11 @@ Theory of operation
 Moving from one instance to several must not make any user authorize again. The copy is
 byte-for-byte: account records (verifier, wrapped data key, key wrapping, creation time),
 sealed secrets (the refresh token and the shared access token, still sealed: nothing is
-unsealed, so no password or key file is needed) and status rows. Each account is one write
-transaction on the target, so a run that stops half-way leaves whole accounts; running it again
-copies everything again (accounts already in the target are replaced, others there are kept).
+unsealed, so no password or key file is needed), status rows, and the login defence's
+remembered client addresses with the key their digests were made under (so working devices stay
+remembered). Each account is one write transaction on the target, so a run that stops half-way
+leaves whole accounts; running it again copies everything again (accounts already in the target
+are replaced, others there are kept).
 
 The source is ``server.state_dir``'s SQLite file (read-only: it is left as it was, a fallback);
 the target is ``[store] url``, which must be set. Stop the gateways first, or run it again
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..ports import CredentialStore
 
-__all__ = ["copy_accounts", "migrate_store"]
+__all__ = ["copy_accounts", "copy_remembered_addresses", "migrate_store"]
 
 #: Every kind of sealed secret a store holds per account.
 SECRET_KINDS = (REFRESH_TOKEN, ACCESS_TOKEN)
@@ -51,6 +53,16 @@ def copy_accounts(source: CredentialStore, target: CredentialStore) -> list[str]
     return copied
 
 
+def copy_remembered_addresses(source: CredentialStore, target: CredentialStore) -> int:
+    """The addresses users logged in from (the login defence's memory), with the key their
+    digests were made under: so working devices stay remembered. The number copied."""
+    target.adopt_address_key(source.address_key())
+    rows = source.trusted_addresses()
+    for account, digest, last_seen in rows:
+        target.remember_address(account, digest, last_seen, forget_before=0.0)
+    return len(rows)
+
+
 def migrate_store(config: Config, out: TextIO) -> int:
     """The command: 0 when every account was copied, 1 otherwise (with the reason)."""
     if config.store.url is None:
@@ -65,12 +77,14 @@ def migrate_store(config: Config, out: TextIO) -> int:
         source = StateStore(config.server.state_dir)
         target = open_store(config)
         names = copy_accounts(source, target)
+        remembered = copy_remembered_addresses(source, target)
     except StoreError as exc:
         print(f"mailgate: migrate-store failed: {exc}", file=out)
         return 1
     finally:
         if target is not None:
             target.close()
-    print(f"copied {len(names)} account(s) from {source_file} into the PostgreSQL store"
-          + (f": {', '.join(names)}" if names else ""), file=out)
+    print(f"copied {len(names)} account(s) and {remembered} remembered client address(es) from "
+          f"{source_file} into the PostgreSQL store" + (f": {', '.join(names)}" if names else ""),
+          file=out)
     return 0

@@ -265,6 +265,12 @@ class PgStore:
 
     # --- writes -----------------------------------------------------------------------------
 
+    def adopt_address_key(self, key: bytes) -> None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute("INSERT INTO meta (name, value) VALUES (%s, %s)"
+                         " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                         (ADDRESS_KEY, key))
+
     def remember_address(self, account: str, digest: bytes, last_seen: float,
                          *, forget_before: float) -> None:
         """Record that ``digest`` (an address HMAC) logged in as ``account``; the same

@@ -308,6 +308,10 @@ class StateStore:
 
     # --- writes (each one transaction) ------------------------------------------------------
 
+    def adopt_address_key(self, key: bytes) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (ADDRESS_KEY, key))
+
     def remember_address(self, account: str, digest: bytes, last_seen: float,
                          *, forget_before: float) -> None:
         """Record that ``digest`` (an address HMAC) logged in as ``account`` at ``last_seen``;

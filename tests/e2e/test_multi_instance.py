@@ -222,6 +222,7 @@ async def test_migrate_store_copies_every_byte(tmp_path: Path, lab: LabDovecot,
     source = StateStore(config.server.state_dir)
     source.save_secret(USER, ACCESS_TOKEN, "lab", b"\x01sealed access")
     source.set_status(USER, "needs_reauthorization", "invalid_grant")
+    source.remember_address(USER, b"d" * 32, 1234.5, forget_before=0)  # a working device
     for _ in range(2):  # running it again is harmless
         assert await trio.to_thread.run_sync(migrate_store, config, io.StringIO()) == 0
     target = PgStore(pg_url, max_connections=2, timeout=3)
@@ -234,6 +235,9 @@ async def test_migrate_store_copies_every_byte(tmp_path: Path, lab: LabDovecot,
         for kind in (REFRESH_TOKEN, ACCESS_TOKEN):
             assert source.secret(USER, kind).sealed == target.secret(USER, kind).sealed  # type: ignore[union-attr]
         assert target.status(USER).detail == "invalid_grant"  # type: ignore[union-attr]
+        # The devices stay remembered: the same digests, under the same key.
+        assert target.address_key() == source.address_key()
+        assert target.trusted_addresses() == source.trusted_addresses() == [(USER, b"d" * 32, 1234.5)]
     finally:
         target.close()
     # Without [store] url it says what is missing instead of copying anywhere.
