@@ -35,6 +35,11 @@ mailgate instances on several machines use one database. Rules:
    session -- or with its connection when the instance dies. A session holds one pooled
    connection for its duration (size ``limits.store_connections`` for the POP3 sessions
    expected at once).
+6. **POP3 state** (:meth:`PgStore.pop3_state`, :class:`gateway.ports.Pop3StateStore`): the
+   remembered POP3 listing and exact sizes of each account, JSON text in the ``pop3_state``
+   table (no secrets), so a session on any instance starts from what the last one left. The
+   maildrop lock makes one writer per account; a write sends no ``NOTIFY`` (nothing caches
+   it), and a database error is raised as ``OSError``, as the files would.
 
 The schema is created on first use, under a transaction-level advisory lock, so that instances
 starting together do not race.
