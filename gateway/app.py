@@ -38,10 +38,13 @@ from .config import Config, load_config, per_worker
 from .context import GatewayContext
 from .errors import ConfigError
 from .events import EventBus
+from .frontends.pop3_listing import Pop3StateFiles
+from .frontends.pop3_mapping import STATE_SUBDIR
 from .logs import register_secret
 from .notify.notifier import Notifier
 from .oauth.accounts import AccountManager
 from .oauth.store import open_store
+from .ports import CredentialStore, Pop3StateStore
 from .server import GatewayServer, make_server_ssl_context
 from .upstream.connector import UpstreamConnector
 from .upstream.smtp_connector import SmtpConnector
@@ -65,7 +68,19 @@ def build_context(config: Config) -> GatewayContext:
         store=store,
         notifier=notifier,
         smtp=SmtpConnector(config, publish=events.publish),
+        pop3_state=_pop3_state(config, store),
     )
+
+
+def _pop3_state(config: Config, store: CredentialStore) -> Pop3StateStore:
+    """Where POP3 sessions remember listings and sizes: the PostgreSQL store when it is the
+    credential store (every instance then sees the same), else files under ``state_dir``."""
+    if config.store.url is not None:
+        from .oauth.pg_store import PgStore  # imported only with [store] url, as open_store does
+
+        assert isinstance(store, PgStore)
+        return store
+    return Pop3StateFiles(config.server.state_dir / STATE_SUBDIR)
 
 
 def _register_secrets(config: Config) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config
 from .events import EventBus
-from .ports import Accounts, CredentialStore, SmtpConnector, UpstreamConnector
+from .ports import Accounts, CredentialStore, Pop3StateStore, SmtpConnector, UpstreamConnector
 
 if TYPE_CHECKING:
     from .notify.notifier import Notifier
@@ -31,3 +31,6 @@ class GatewayContext:
     notifier: Notifier | None = None
     # Sending (SMTP submission); None in contexts built without it (SMTP listeners then refuse).
     smtp: SmtpConnector | None = None
+    # The POP3 listings and size caches: files under ``state_dir/pop3/``, or the PostgreSQL
+    # store with ``[store] url`` (None in contexts built without it: the files).
+    pop3_state: Pop3StateStore | None = None

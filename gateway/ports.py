@@ -45,6 +45,7 @@ __all__ = [
     "LocalAccount",
     "SmtpConnector",
     "Pop3ListingStore",
+    "Pop3StateStore",
     "TokenSource",
     "UpstreamConnector",
 ]
@@ -256,13 +257,30 @@ class CredentialStore(Protocol):
         """Release connections and threads (a no-op for SQLite)."""
         ...
 
+class Pop3StateStore(Protocol):
+    """Each account's remembered POP3 state, as JSON text under a kind: ``"listing"`` (the
+    listing of :mod:`gateway.frontends.pop3_listing`) and ``"sizes"`` (the exact-size cache of
+    :mod:`gateway.frontends.pop3_mapping`). No secrets are involved.
+
+    Methods block; async callers run them in a worker thread. Two implementations: one file
+    per account and kind under ``state_dir/pop3/`` (``Pop3StateFiles``, without ``[store]
+    url``) and a table of the PostgreSQL store (``PgStore``), so every instance serving an
+    account sees the same state. ``pop3_state`` returns ``None`` when nothing is stored;
+    ``save_pop3_state`` replaces atomically. Both raise ``OSError`` on failure.
+    """
+
+    def pop3_state(self, account: str, kind: str) -> str | None: ...
+
+    def save_pop3_state(self, account: str, kind: str, text: str) -> None: ...
+
+
 class Pop3ListingStore(Protocol):
     """Each account's remembered POP3 listing (:mod:`gateway.frontends.pop3_listing`).
 
-    Methods block; async callers run them in a worker thread. Today one JSON file per account
-    under ``state_dir/pop3/`` (``ListingFiles``); a database store can implement the same two
-    methods. ``load`` returns ``None`` for nothing usable (absent or damaged); ``save``
-    replaces atomically and raises ``OSError`` on failure.
+    Methods block; async callers run them in a worker thread. Implemented on a
+    :class:`Pop3StateStore` (``Listings``). ``load`` returns ``None`` for nothing usable
+    (absent, unreadable or damaged); ``save`` replaces atomically and raises ``OSError`` on
+    failure.
     """
 
     def load(self, account: str) -> Listing | None: ...

@@ -22,12 +22,14 @@ Rules first:
    This needs neither CONDSTORE nor QRESYNC, so it works the same on Microsoft 365 and Gmail
    and enables nothing on the connection (which the pool of upstream connections may then hand
    to an IMAP client, see :mod:`gateway.upstream.pool`).
-5. **Storage** goes through the two-method :class:`ListingStore` interface (a
-   :class:`gateway.ports.Pop3ListingStore`): :class:`ListingFiles` keeps one JSON file per
-   account beside the POP3 size cache (``state_dir/pop3/<account>.listing.json``, written to a
-   ``.tmp`` file and renamed; a damaged or unknown file is ignored and rebuilt). A database
-   store (the PostgreSQL credential store) can implement the same two methods. The POP3
-   maildrop lock guarantees one writer per account.
+5. **Storage** goes through the two-method :class:`gateway.ports.Pop3ListingStore`
+   interface, implemented by :class:`Listings` on a :class:`gateway.ports.Pop3StateStore`
+   (the listing as JSON text of kind ``"listing"``): :class:`Pop3StateFiles` keeps one file
+   per account beside the POP3 size cache (``state_dir/pop3/<account>.listing.json``,
+   written to a ``.tmp`` file and renamed), the PostgreSQL store one row per account, so
+   every instance serving the account sees the same listing. A damaged, unreadable or
+   unknown listing is ignored and rebuilt. The POP3 maildrop lock guarantees one writer per
+   account.
 """
 
 from __future__ import annotations
@@ -38,14 +40,22 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..protocol.imap_responses import FetchItems
 from ..upstream.client import UpstreamIMAP, uid_set
 from ..upstream.mailbox import MailboxInfo
 
+if TYPE_CHECKING:
+    from ..ports import Pop3StateStore
+
 log = logging.getLogger("mailgate.pop3")
 
-__all__ = ["FORMAT", "Listing", "ListingFiles", "Snapshot", "refresh_listing"]
+__all__ = ["FORMAT", "LISTING", "Listing", "ListingFiles", "Listings", "Pop3StateFiles", "Snapshot",
+           "refresh_listing"]
+
+#: The kind of :class:`gateway.ports.Pop3StateStore` text holding the listing.
+LISTING = "listing"
 
 #: Version of the file format (a file of another version is ignored and rebuilt).
 FORMAT = 1
@@ -100,35 +110,57 @@ class Listing:
             return None
 
 
-class ListingFiles:
-    """:class:`gateway.ports.Pop3ListingStore` on files: ``<dir>/<account>.listing.json``."""
+class Pop3StateFiles:
+    """:class:`gateway.ports.Pop3StateStore` on files: ``<dir>/<account>.<kind>.json``."""
 
     def __init__(self, directory: Path):
         self.directory = directory
 
-    def _path(self, account: str) -> Path:
-        return self.directory / (urllib.parse.quote(account, safe="") + ".listing.json")
+    def path(self, account: str, kind: str) -> Path:
+        return self.directory / f"{urllib.parse.quote(account, safe='')}.{kind}.json"
 
-    def load(self, account: str) -> Listing | None:
-        path = self._path(account)
+    def pop3_state(self, account: str, kind: str) -> str | None:
         try:
-            text = path.read_text()
+            return self.path(account, kind).read_text()
         except FileNotFoundError:
             return None
+
+    def save_pop3_state(self, account: str, kind: str, text: str) -> None:
+        path = self.path(account, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+class Listings:
+    """:class:`gateway.ports.Pop3ListingStore` on a :class:`gateway.ports.Pop3StateStore`."""
+
+    def __init__(self, state: Pop3StateStore):
+        self.state = state
+
+    def load(self, account: str) -> Listing | None:
+        try:
+            text = self.state.pop3_state(account, LISTING)
         except OSError as exc:
-            log.warning("ignoring unreadable POP3 listing %s: %s", path, exc)
+            log.warning("ignoring unreadable POP3 listing of %s: %s", account, exc)
+            return None
+        if text is None:
             return None
         listing = Listing.from_json(text)
         if listing is None:
-            log.warning("ignoring damaged POP3 listing %s (it is rebuilt)", path)
+            log.warning("ignoring damaged POP3 listing of %s (it is rebuilt)", account)
         return listing
 
     def save(self, account: str, listing: Listing) -> None:
-        path = self._path(account)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(listing.to_json())
-        os.replace(tmp, path)
+        self.state.save_pop3_state(account, LISTING, listing.to_json())
+
+
+class ListingFiles(Listings):
+    """:class:`Listings` on files: ``<dir>/<account>.listing.json``."""
+
+    def __init__(self, directory: Path):
+        super().__init__(Pop3StateFiles(directory))
 
 
 async def refresh_listing(

@@ -57,8 +57,8 @@ top of IMAP:
   byte-stuffing). IMAP's RFC822.SIZE is meant to be exactly that (RFC 9051 §2.3.4), but
   some servers get it wrong. Every complete RETR measures the real count; when it
   differs, the session's listing is corrected and the value is remembered per
-  (UIDVALIDITY, UID) in a small file under ``state_dir/pop3/`` (:class:`SizeCache`) so
-  later sessions report the exact size from the start. *Remaining edge:* a message whose
+  (UIDVALIDITY, UID) (:class:`SizeCache`: a small file under ``state_dir/pop3/``, or a row
+  of the PostgreSQL store with ``[store] url``) so later sessions report the exact size from the start. *Remaining edge:* a message whose
   RFC822.SIZE is wrong and that was never downloaded through mailgate is listed with the
   server's figure until its first RETR. (The final CRLF added to a message that lacks one
   is part of the terminator and not counted, as with Dovecot.)
@@ -88,7 +88,7 @@ from ..upstream.client import CommandFailed, MessageVanished, UnsafeExpunge, Ups
 from .pop3_listing import Listing, refresh_listing
 
 if TYPE_CHECKING:
-    from ..ports import Pop3ListingStore
+    from ..ports import Pop3ListingStore, Pop3StateStore
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -98,6 +98,8 @@ TOP_FIRST_WINDOW = 64 * 1024
 TOP_MAX_WINDOW = 1024 * 1024
 #: At most this many exact sizes are remembered per account.
 MAX_SIZE_CACHE_ENTRIES = 100_000
+#: The kind of :class:`gateway.ports.Pop3StateStore` text holding the exact sizes.
+SIZES = "sizes"
 #: Sub-directory of ``state_dir`` holding the size caches and locks.
 STATE_SUBDIR = "pop3"
 #: The UIDL prefix for Gmail's X-GM-MSGID.
@@ -173,21 +175,20 @@ class MaildropLock:
 
 
 class SizeCache:
-    """Exact POP3 sizes per (UIDVALIDITY, UID) for one account, in a small JSON file.
+    """Exact POP3 sizes per (UIDVALIDITY, UID) for one account, as JSON text of kind
+    :data:`SIZES` in a :class:`gateway.ports.Pop3StateStore` (a small file under
+    ``state_dir/pop3/``, or a row of the PostgreSQL store).
 
     Only sizes that differ from the server's RFC822.SIZE are stored, and entries for
-    messages no longer in the mailbox are dropped at every session start, so the file
-    stays tiny. A damaged file is ignored (sizes fall back to RFC822.SIZE).
+    messages no longer in the mailbox are dropped at every session start, so the text
+    stays tiny. A damaged or unreadable one is ignored (sizes fall back to RFC822.SIZE).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, state: Pop3StateStore, account: str) -> None:
+        self._state = state
+        self._account = account
         self._sizes: dict[str, int] = {}
         self._dirty = False
-
-    @classmethod
-    def for_account(cls, state_dir: Path, account: str) -> SizeCache:
-        return cls(_state_path(state_dir, account, ".sizes.json"))
 
     @staticmethod
     def _key(uidvalidity: int, uid: int) -> str:
@@ -198,11 +199,10 @@ class SizeCache:
 
     def _read(self) -> dict[str, int]:
         try:
-            data = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
+            text = self._state.pop3_state(self._account, SIZES)
+            data = json.loads(text) if text is not None else {}
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable POP3 size cache %s: %s", self.path, exc)
+            log.warning("ignoring unreadable POP3 size cache of %s: %s", self._account, exc)
             return {}
         if not isinstance(data, dict):
             return {}
@@ -239,10 +239,7 @@ class SizeCache:
             await trio.to_thread.run_sync(self._write, dict(self._sizes))
 
     def _write(self, sizes: dict[str, int]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sizes, separators=(",", ":")))
-        os.replace(tmp, self.path)
+        self._state.save_pop3_state(self._account, SIZES, json.dumps(sizes, separators=(",", ":")))
 
 
 # -- UIDL --------------------------------------------------------------------------

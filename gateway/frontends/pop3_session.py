@@ -63,7 +63,7 @@ from ..oauth.store import StoreError
 from ..protocol import pop3, sasl
 from ..protocol.pop3 import Code, Command, State
 from ..upstream.client import CommandFailed, UpstreamIMAP
-from .pop3_listing import ListingFiles
+from .pop3_listing import Listings, Pop3StateFiles
 from .pop3_mapping import STATE_SUBDIR, CommitRefused, Maildrop, MessageUnavailable, SizeCache
 
 if TYPE_CHECKING:
@@ -384,12 +384,14 @@ class Pop3Session:
                 return
             self.upstream = await self.ctx.connector.open(account)
             user = account.user
+            state = self.ctx.pop3_state or Pop3StateFiles(
+                self.ctx.config.server.state_dir / STATE_SUBDIR)
             self.maildrop = await Maildrop.open(
                 self.upstream,
                 mailbox=user.pop3_mailbox,
                 delete_mode=user.pop3_delete,
-                size_cache=SizeCache.for_account(self.ctx.config.server.state_dir, account.name),
-                listings=ListingFiles(self.ctx.config.server.state_dir / STATE_SUBDIR),
+                size_cache=SizeCache(state, account.name),
+                listings=Listings(state),
                 account=account.name,
             )
         except AuthenticationFailed:

@@ -35,6 +35,11 @@ mailgate instances on several machines use one database. Rules:
    session -- or with its connection when the instance dies. A session holds one pooled
    connection for its duration (size ``limits.store_connections`` for the POP3 sessions
    expected at once).
+6. **POP3 state** (:meth:`PgStore.pop3_state`, :class:`gateway.ports.Pop3StateStore`): the
+   remembered POP3 listing and exact sizes of each account, JSON text in the ``pop3_state``
+   table (no secrets), so a session on any instance starts from what the last one left. The
+   maildrop lock makes one writer per account; a write sends no ``NOTIFY`` (nothing caches
+   it), and a database error is raised as ``OSError``, as the files would.
 
 The schema is created on first use, under a transaction-level advisory lock, so that instances
 starting together do not race.
@@ -98,6 +103,14 @@ _SCHEMA = [
         digest    BYTEA NOT NULL,
         last_seen DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (account, digest))""",
+    # Remembered POP3 state (gateway.frontends.pop3_listing, pop3_mapping): JSON text per
+    # account and kind ("listing", "sizes"), shared by every instance serving the account.
+    """CREATE TABLE IF NOT EXISTS pop3_state (
+        account TEXT NOT NULL,
+        kind    TEXT NOT NULL,
+        value   TEXT NOT NULL,
+        updated DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (account, kind))""",
 ]
 ADDRESS_KEY = "address_key"  # the `meta` row holding the key of the address digests
 
@@ -105,6 +118,7 @@ ADDRESS_KEY = "address_key"  # the `meta` row holding the key of the address dig
 #: Deleting an account: its secrets and status first, then the record.
 _DELETE_ACCOUNT = ("DELETE FROM secrets WHERE account = %s", "DELETE FROM status WHERE account = %s",
                    "DELETE FROM trusted_addresses WHERE account = %s",
+                   "DELETE FROM pop3_state WHERE account = %s",
                    "DELETE FROM accounts WHERE name = %s")
 
 
@@ -325,6 +339,29 @@ class PgStore:
         with self._write(name) as conn:
             for statement in _DELETE_ACCOUNT:
                 conn.execute(statement, (name,))
+
+    # --- POP3 state (gateway.ports.Pop3StateStore) -----------------------------------------
+
+    def pop3_state(self, account: str, kind: str) -> str | None:
+        try:
+            with self._conn() as conn:
+                row = conn.execute("SELECT value FROM pop3_state WHERE account = %s AND kind = %s",
+                                   (account, kind)).fetchone()
+        except StoreError as exc:
+            raise OSError(str(exc)) from None
+        return None if row is None else str(row[0])
+
+    def save_pop3_state(self, account: str, kind: str, text: str) -> None:
+        # No notification: nothing cached elsewhere depends on it (every session reads it).
+        try:
+            with self._conn() as conn:
+                conn.execute(
+                    "INSERT INTO pop3_state (account, kind, value, updated) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (account, kind) DO UPDATE SET value = excluded.value,"
+                    " updated = excluded.updated",
+                    (account, kind, text, time.time()))
+        except StoreError as exc:
+            raise OSError(str(exc)) from None
 
     # --- cross-instance locks ---------------------------------------------------------------
 

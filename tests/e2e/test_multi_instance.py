@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from gateway.config import Config
+from gateway.frontends.pop3_listing import Listings
 from gateway.oauth.migrate import migrate_store
 from gateway.oauth.pg_store import PgStore
 from gateway.oauth.shared_token import ACCESS_TOKEN
@@ -312,3 +313,59 @@ async def test_postgresql_restart_under_load_is_a_temporary_failure(
     store = cluster.servers[0].ctx.store
     status = await trio.to_thread.run_sync(store.status, USER)
     assert status is None or status.state == "ok"
+
+
+async def test_pop3_listing_is_shared_by_the_instances(
+        nursery: trio.Nursery, tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
+        lab_user: str, pg_url: str) -> None:
+    """A POP3 session on instance 2 starts from the listing a session on instance 1 left in
+    PostgreSQL: it asks the upstream only for the message added since, not for the sizes it
+    already knows (a size altered in the stored row shows through unchanged)."""
+    config = instance_config(tmp_path / "seed", lab, oauth_server, lab_user, pg_url)
+    _, refresh_token = oauth_server.issue_tokens(lab_user)
+    await seed_account(instance_config(tmp_path / "seed", lab, oauth_server, lab_user, None),
+                       refresh_token)
+    assert await trio.to_thread.run_sync(migrate_store, config, io.StringIO()) == 0
+    bodies = [b"Subject: m%d\r\n\r\n%s\r\n" % (i, b"x" * (10 + i)) for i in range(3)]
+    for raw in bodies[:2]:
+        await trio.to_thread.run_sync(lambda raw=raw: seed.append(lab, lab_user, raw))
+    servers = [await start_gateway(nursery, make_config(tmp_path / f"gw{i}", {
+        **tomllib.loads(_toml_config(tmp_path / f"gw{i}", lab, oauth_server, lab_user, pg_url,
+                                     _free_port(), _free_port()).read_text()),
+        "admin": {"enabled": False}})) for i in (1, 2)]
+    store = PgStore(pg_url, max_connections=2, timeout=3)
+    try:
+        async def session(server: GatewayServer) -> tuple[list[tuple[int, str]],
+                                                          list[tuple[int, str]]]:
+            wire, answer = await pop3_via(server.addresses[0], header=True)
+            assert answer.startswith(b"+OK"), answer
+            listed, uidls = await wire.listing("LIST"), await wire.listing("UIDL")
+            assert (await wire.command("QUIT")).startswith(b"+OK")
+            await wire.aclose()
+            return listed, uidls
+
+        with trio.fail_after(30):
+            listed, uidls = await session(servers[0])
+        assert [int(s) for _, s in listed] == [len(raw) for raw in bodies[:2]]
+        remembered = Listings(store).load(USER)
+        assert remembered is not None and [m[1] for m in remembered.messages] == [
+            len(raw) for raw in bodies[:2]]
+        # Mark the stored row: a session that fetched the sizes again would list the real one.
+        first, *rest = remembered.messages
+        Listings(store).save(USER, replace(remembered, messages=(
+            (first[0], first[1] + 1000, first[2]), *rest)))
+        await trio.to_thread.run_sync(lambda: seed.append(lab, lab_user, bodies[2]))
+        with trio.fail_after(30):
+            listed2, uidls2 = await session(servers[1])
+        assert [int(s) for _, s in listed2] == [len(bodies[0]) + 1000, len(bodies[1]),
+                                                 len(bodies[2])]
+        assert uidls2[:2] == uidls and len({u for _, u in uidls2}) == 3
+        again = Listings(store).load(USER)
+        assert again is not None and len(again.messages) == 3
+        assert not list(tmp_path.glob("gw*/state/pop3/*.json"))  # nothing on local disk
+    finally:
+        store.close()
+        for server in servers:
+            server.shutdown()
+            await server.finished.wait()
+            server.ctx.store.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from gateway.frontends.pop3_listing import Listing, Listings, Pop3StateFiles
 from gateway.oauth.pg_store import PgStore
 from gateway.oauth.store import (
     REFRESH_TOKEN,
@@ -21,7 +22,7 @@ from gateway.oauth.store import (
     StateStore,
     StoreError,
 )
-from gateway.ports import CredentialStore
+from gateway.ports import CredentialStore, Pop3StateStore
 
 RECORD = AccountRecord("alice", "lab", "$argon2id$v=19$m=1,t=1,p=1$c2FsdA$aGFzaA", "password",
                        '{"n": 16384}', b"\x00wrapped\xffkey", created=1000.0)
@@ -225,3 +226,46 @@ def test_postgresql_remembers_addresses_as_digests(pg_url: str) -> None:
         assert store.trusted_addresses() == []
     finally:
         store.close()
+
+
+@pytest.fixture(params=["files", "postgresql"])
+def make_pop3_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
+        Callable[[], Pop3StateStore]]:
+    """POP3 state stores on one shared place: the files of ``state_dir/pop3/`` without
+    ``[store] url``, the PostgreSQL store with it."""
+    opened: list[PgStore] = []
+    if request.param == "files":
+        def make() -> Pop3StateStore:
+            return Pop3StateFiles(tmp_path / "pop3")
+    else:
+        url = request.getfixturevalue("pg_url")
+
+        def make() -> Pop3StateStore:
+            store = PgStore(url, max_connections=4, timeout=3)
+            opened.append(store)
+            return store
+    yield make
+    for store in opened:
+        store.close()
+
+
+def test_pop3_listing_and_sizes_round_trip_across_handles(
+    make_pop3_state: Callable[[], Pop3StateStore],
+) -> None:
+    state = make_pop3_state()
+    listings = Listings(state)
+    assert listings.load("alice") is None and state.pop3_state("alice", "sizes") is None
+    listing = Listing("INBOX", 7, 12, ((3, 100, None), (9, 2048, None), (11, 5, None)))
+    listings.save("alice", listing)
+    state.save_pop3_state("alice", "sizes", '{"7:9":2050}')
+    # Another handle on the same place (another instance) sees both; other accounts nothing.
+    other = make_pop3_state()
+    assert Listings(other).load("alice") == listing
+    assert other.pop3_state("alice", "sizes") == '{"7:9":2050}'
+    assert Listings(other).load("bob") is None
+    # A save replaces; a damaged listing is ignored (it is rebuilt), never an error.
+    shorter = Listing("INBOX", 7, 13, ((9, 2048, None), (12, 1, 0x1F)))
+    Listings(other).save("alice", shorter)
+    assert listings.load("alice") == shorter
+    state.save_pop3_state("alice", "listing", "{not json")
+    assert Listings(other).load("alice") is None

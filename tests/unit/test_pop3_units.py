@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.frontends.pop3_listing import Pop3StateFiles
 from gateway.frontends.pop3_mapping import (
     STRUCTURE_BATCH,
     CommitRefused,
@@ -107,7 +108,7 @@ class RecordingUpstream:
 
 async def open_drop(tmp_path: Path, upstream: RecordingUpstream, mode: str = "expunge") -> Maildrop:
     return await Maildrop.open(upstream, mailbox="INBOX", delete_mode=mode,
-                               size_cache=SizeCache(tmp_path / "sizes.json"))
+                               size_cache=SizeCache(Pop3StateFiles(tmp_path), "a"))
 
 
 def mutations(upstream: RecordingUpstream) -> list[tuple[Any, ...]]:
@@ -212,13 +213,13 @@ async def test_size_cache_roundtrip_and_pruning(tmp_path: Path) -> None:
     assert again.stat() == (1, 20)
     # A new UIDVALIDITY makes the remembered size meaningless: it is dropped.
     await open_drop(tmp_path, RecordingUpstream(frozenset(), [(4, 99)], uidvalidity=8))
-    cache = SizeCache(tmp_path / "sizes.json")
+    cache = SizeCache(Pop3StateFiles(tmp_path), "a")
     await cache.load()
     assert cache.get(7, 4) is None
 
 
 async def test_damaged_size_cache_is_ignored(tmp_path: Path) -> None:
-    (tmp_path / "sizes.json").write_text("{not json")
+    (tmp_path / "a.sizes.json").write_text("{not json")
     drop = await open_drop(tmp_path, RecordingUpstream(frozenset(), [(1, 42)]))
     assert drop.stat() == (1, 42)
 
@@ -372,7 +373,7 @@ async def test_remembered_listing_costs_no_round_trip_and_then_only_the_changes(
 
     async def open_remembering(up: RecordingUpstream) -> Maildrop:
         return await Maildrop.open(up, mailbox="INBOX", delete_mode="expunge",
-                                   size_cache=SizeCache(tmp_path / "sizes.json"),
+                                   size_cache=SizeCache(Pop3StateFiles(tmp_path), "a"),
                                    listings=files, account="alice")
 
     first = ListingUpstream(frozenset(), [(2, 10), (4, 20), (9, 30)])
