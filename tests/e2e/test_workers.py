@@ -259,15 +259,15 @@ async def test_one_admin_port_shows_the_sessions_and_counters_of_both_workers(
             with trio.fail_after(15):  # the other worker's next report (every 0.5 s)
                 while True:
                     status = (await http.get("/api/status")).json()
-                    if len(status["sessions"]) == len(wires):
+                    if len(status["sessions"]) == len(wires) and all(
+                            s["user"] == USER and s["state"] == "authenticated"
+                            for s in status["sessions"]):
                         break
                     await trio.sleep(0.1)
             assert status["gateway"]["workers"] == 2
             by_worker = sorted(sum(1 for s in status["sessions"] if s["worker"] == w)
                                for w in (0, 1))
             assert by_worker == sorted(per_pid.values())
-            assert all(s["user"] == USER and s["state"] == "authenticated"
-                       for s in status["sessions"])
             page = (await http.get("/")).text
             table = page.split('<table id="sessions">')[1].split("</table>")[0]
             assert "<th>worker</th>" in table and table.count(f"<td>{USER}</td>") == len(wires)
