@@ -33,6 +33,7 @@ from pathlib import Path
 import trio
 
 from .admin.http import serve_admin
+from .admin.worker_reports import run_reporter
 from .certs import ensure_certificate
 from .config import Config, load_config, per_worker
 from .context import GatewayContext
@@ -155,6 +156,8 @@ async def serve(config: Config, config_path: Path, *, worker: int = 0) -> int:
             await nursery.start(ctx.notifier.run)
         if config.admin.enabled and worker == 0:
             await nursery.start(serve_admin, server)
+        elif config.admin.enabled and config.server.worker_count > 1:
+            nursery.start_soon(run_reporter, server, worker)  # figures for worker 0's admin port
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:

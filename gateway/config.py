@@ -384,6 +384,8 @@ class Limits(_Section):
     store_timeout: float = Field(10, gt=0)  # waiting for a pooled connection / connecting
     upstream_pool_size: int = Field(2, ge=0)  # idle logged-in connections kept per account
     upstream_pool_idle: float = Field(300, gt=0)  # seconds one may stay idle in the pool
+    # [server] workers > 1: seconds between the figures each worker reports to the admin port.
+    worker_report_interval: float = Field(2, gt=0)
 
 
 class Config(_Section):

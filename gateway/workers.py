@@ -11,8 +11,9 @@ one worker) is a small supervisor that does no mail work itself. Rules:
 2. **Workers** are forked children; each runs the ordinary single-process gateway
    (:func:`gateway.app.serve`) with its own listening sockets on the same addresses
    (``SO_REUSEPORT``: the kernel spreads connections) and the same ``state_dir``. Only worker
-   0 serves the admin port. Each applies :func:`gateway.config.per_worker`: the caps that must
-   hold for the whole gateway are divided among the workers.
+   0 serves the admin port; the others report their figures to it
+   (:mod:`gateway.admin.worker_reports`). Each applies :func:`gateway.config.per_worker`:
+   the caps that must hold for the whole gateway are divided among the workers.
 3. **What is shared through state_dir**: the credential store (SQLite serialises writers),
    the token-refresh lock (one ``flock`` per account: one refresh at a time across workers,
    and the refreshed access token sealed into the store for the others,

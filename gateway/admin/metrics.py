@@ -15,11 +15,16 @@ live sum to the closed total in the same synchronous step in which the server pu
 Labels are low-cardinality by design: protocol, outcome, reason and result come from the fixed
 vocabularies documented in :mod:`gateway.events`; user names are never labels (see the status
 page for per-user detail). This module does no I/O and imports no trio.
+
+With ``[server] workers`` > 1 the other workers' counters arrive as :meth:`Metrics.to_json`
+data (:mod:`gateway.admin.worker_reports`) and are summed with :meth:`Metrics.add`: the series
+stay those of one process; only ``mailgate_worker_sessions`` carries a ``worker`` label.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +47,8 @@ class LiveState:
     draining: bool
     dropped_subscribers: int
     started_at: float
+    # [server] workers > 1: open sessions per worker number (empty with one worker).
+    sessions_by_worker: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Histogram:
@@ -104,6 +111,27 @@ class Metrics:
         elif kind == "config.reloaded":
             self._inc("config_reloads_total")
 
+    def to_json(self) -> dict[str, Any]:
+        """The counters as JSON-able data (a worker's report, :mod:`gateway.admin.worker_reports`)."""
+        h = self.upstream_latency
+        return {
+            "counters": {name: [[list(map(list, key)), value] for key, value in c.items()]
+                         for name, c in self.counters.items()},
+            "latency": {"counts": h.counts, "count": h.count, "sum": h.sum},
+        }
+
+    def add(self, data: Mapping[str, Any]) -> None:
+        """Add another worker's :meth:`to_json` figures to these."""
+        for name, samples in data["counters"].items():
+            for key, value in samples:
+                self.counters[name][tuple((str(k), str(v)) for k, v in key)] += int(value)
+        latency = data["latency"]
+        h = self.upstream_latency
+        if len(latency["counts"]) == len(h.counts):
+            h.counts = [a + int(b) for a, b in zip(h.counts, latency["counts"])]
+            h.count += int(latency["count"])
+            h.sum += float(latency["sum"])
+
     def value(self, name: str, **labels: Any) -> float:
         return self.counters[name][tuple(sorted((k, str(v)) for k, v in labels.items()))]
 
@@ -119,6 +147,11 @@ class Metrics:
         protocols = sorted(set(PROTOCOLS) | set(live.sessions_by_protocol))
         _metric(out, "mailgate_sessions", "gauge", "Client sessions open now.",
                 [({"protocol": p}, live.sessions_by_protocol.get(p, 0)) for p in protocols])
+        if live.sessions_by_worker:
+            _metric(out, "mailgate_worker_sessions", "gauge",
+                    "Client sessions open now, by worker process ([server] workers).",
+                    [({"worker": w}, n) for w, n in sorted(live.sessions_by_worker.items(),
+                                                          key=lambda item: int(item[0]))])
         self._counter(out, "sessions_opened_total", "Client connections accepted.",
                       base=[{"protocol": p} for p in protocols])
         self._counter(out, "sessions_closed_total", "Client sessions ended, by outcome.")

@@ -121,10 +121,11 @@ def status_fragment(snap: Mapping[str, Any]) -> str:
         ], "no listeners"),
         f"<h2>Sessions ({len(snap['sessions'])})</h2>",
         _table("sessions", ["user", "protocol", "client", "TLS", "state", "upstream", "in", "out",
-                            "duration"], [
+                            "duration"] + (["worker"] if "workers" in gw else []), [
             [_e(s["user"] or "—"), _e(s["protocol"]), _e(s["peer"]), "yes" if s["tls"] else "no",
              _e(s["state"]), _e(s["upstream"] or "—"), _e(_bytes(s["bytes_in"])),
              _e(_bytes(s["bytes_out"])), _e(_duration(s["duration"]))]
+            + ([_e(s.get("worker"))] if "workers" in gw else [])
             for s in snap["sessions"]
         ], "no client is connected"),
         "<h2>Accounts</h2>",

@@ -26,7 +26,6 @@ Routes:
 
 from __future__ import annotations
 
-import collections
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -37,9 +36,11 @@ from . import pages
 from .access import AdminAccess
 from .authorize import CALLBACK_PATH, WebAuthorizations, WebFlowError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import LiveState, Metrics
+from .metrics import Metrics
 from .status import AccountActivity, snapshot
 from .wire import Request, Response, html, json_response, method_not_allowed, not_found, redirect, text
+from .worker_reports import (add_worker_sessions, combined_live, combined_metrics,
+                             read_reports)
 
 if TYPE_CHECKING:
     from ..config import ListenerConfig
@@ -99,7 +100,8 @@ class AdminApp:
     # --- status ---------------------------------------------------------------------------
 
     async def _snapshot(self) -> dict:  # type: ignore[type-arg]
-        return await snapshot(self.server, self.listeners, self.activity)
+        snap = await snapshot(self.server, self.listeners, self.activity)
+        return add_worker_sessions(snap, self.server, read_reports(self.server))
 
     async def status_page(self, request: Request) -> Response:
         return html(pages.status_page(await self._snapshot()))
@@ -111,23 +113,9 @@ class AdminApp:
         return json_response(await self._snapshot())
 
     async def metrics_text(self, request: Request) -> Response:
-        return text(self.metrics.render(self.live_state()), 200, METRICS_CONTENT_TYPE)
-
-    def live_state(self) -> LiveState:
-        sessions: collections.Counter[str] = collections.Counter()
-        bytes_in: collections.Counter[str] = collections.Counter()
-        bytes_out: collections.Counter[str] = collections.Counter()
-        for s in self.server.sessions:
-            protocol = s.listener.protocol
-            sessions[protocol] += 1
-            bytes_in[protocol] += s.bytes_in
-            bytes_out[protocol] += s.bytes_out
-        return LiveState(
-            sessions_by_protocol=sessions, bytes_in_by_protocol=bytes_in,
-            bytes_out_by_protocol=bytes_out, draining=self.server.draining,
-            dropped_subscribers=self.server.events.dropped_subscribers,
-            started_at=self.server.started_at,
-        )
+        reports = read_reports(self.server)
+        metrics = combined_metrics(self.metrics, reports)
+        return text(metrics.render(combined_live(self.server, reports)), 200, METRICS_CONTENT_TYPE)
 
     async def healthz(self, request: Request) -> Response:
         if self.server.draining or self.server.finished.is_set():

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -44,6 +45,7 @@ class Supervisor:
     log: Path
     imap: int
     pop3: int
+    admin: int
     state_dir: Path
 
     def workers(self) -> list[int]:
@@ -65,6 +67,15 @@ class Supervisor:
             assert time.monotonic() < deadline, f"workers {pids}: {self.log_text()[-3000:]}"
             time.sleep(0.05)
 
+    def established(self) -> dict[int, int]:
+        """Established client connections on the IMAP port, per worker pid."""
+        out = subprocess.run(["ss", "-tnpH", "state", "established", f"sport = :{self.imap}"],
+                             capture_output=True, text=True).stdout
+        counts = {pid: 0 for pid in self.workers()}
+        for pid in counts:
+            counts[pid] = out.count(f"pid={pid},")
+        return counts
+
     def listening(self, pid: int) -> bool:
         """Whether process ``pid`` has its own listening socket on the IMAP port."""
         out = subprocess.run(["ss", "-ltnpH", f"sport = :{self.imap}"], capture_output=True,
@@ -81,6 +92,7 @@ def supervisor(tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
              "[admin]", f'bind = "127.0.0.1:{admin}"',
              "[limits]", "auth_failure_delay = 0", "token_request_timeout = 5",
              "shutdown_grace = 2", "upstream_connections_per_account = 40",
+             "worker_report_interval = 0.5",
              "[[listener]]", 'protocol = "imap"', f'bind = "127.0.0.1:{imap}"', 'tls = "none"',
              'plaintext_auth_from = ["127.0.0.0/8"]',
              "[[listener]]", 'protocol = "pop3"', f'bind = "127.0.0.1:{pop3}"', 'tls = "none"',
@@ -98,7 +110,7 @@ def supervisor(tmp_path: Path, lab: LabDovecot, oauth_server: LabOAuthServer,
         process = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path),
                                     "serve"], stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    sup = Supervisor(process, log, imap, pop3, config.server.state_dir)
+    sup = Supervisor(process, log, imap, pop3, admin, config.server.state_dir)
     try:
         sup.wait_workers(2)
         yield sup
@@ -226,3 +238,54 @@ async def test_sighup_and_sigterm_reach_every_worker(supervisor: Supervisor) -> 
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
             f"/proc/{pid}/status").read_text().lower()
     assert supervisor.log_text().count("SIGTERM: shutting down") == 2
+
+
+async def test_one_admin_port_shows_the_sessions_and_counters_of_both_workers(
+        supervisor: Supervisor) -> None:
+    wires: list[Wire] = []
+    try:
+        with trio.fail_after(60):  # logged-in sessions until the kernel gave each worker some
+            while len(wires) < 4 or min(supervisor.established().values()) == 0:
+                assert len(wires) < 40, supervisor.established()
+                stream = await trio.open_tcp_stream("127.0.0.1", supervisor.imap)
+                wire = Wire(stream, None)  # type: ignore[arg-type]
+                wires.append(wire)
+                assert (await wire.line()).startswith(b"* OK")
+                answer = await wire.command(b"a1 LOGIN " + quoted(USER) + b" " + quoted(PASSWORD))
+                assert answer[-1].startswith(b"a1 OK"), answer
+        per_pid = supervisor.established()
+        assert sum(per_pid.values()) == len(wires) and min(per_pid.values()) > 0
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{supervisor.admin}") as http:
+            with trio.fail_after(15):  # the other worker's next report (every 0.5 s)
+                while True:
+                    status = (await http.get("/api/status")).json()
+                    if len(status["sessions"]) == len(wires) and all(
+                            s["user"] == USER and s["state"] == "authenticated"
+                            for s in status["sessions"]):
+                        break
+                    await trio.sleep(0.1)
+            assert status["gateway"]["workers"] == 2
+            by_worker = sorted(sum(1 for s in status["sessions"] if s["worker"] == w)
+                               for w in (0, 1))
+            assert by_worker == sorted(per_pid.values())
+            page = (await http.get("/")).text
+            table = page.split('<table id="sessions">')[1].split("</table>")[0]
+            assert "<th>worker</th>" in table and table.count(f"<td>{USER}</td>") == len(wires)
+            metrics = (await http.get("/metrics")).text
+        samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines()
+                       if line and not line.startswith("#"))
+        assert samples['mailgate_sessions{protocol="imap"}'] == str(len(wires))
+        assert sorted(int(samples[f'mailgate_worker_sessions{{worker="{w}"}}'])
+                      for w in (0, 1)) == sorted(per_pid.values())
+        # Counters are summed over both workers: every login and accepted connection.
+        assert int(samples['mailgate_logins_total{protocol="imap",result="ok"}']) == len(wires)
+        assert int(samples['mailgate_sessions_opened_total{protocol="imap"}']) == len(wires)
+    finally:
+        for wire in wires:
+            await wire.aclose()
+    # Each worker other than 0 reports in a file of its own, removed when it exits cleanly.
+    report = supervisor.state_dir / "workers" / "1.json"
+    assert report.exists() and not (supervisor.state_dir / "workers" / "0.json").exists()
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(supervisor.process.wait, 20) == 0
+    assert not report.exists()
