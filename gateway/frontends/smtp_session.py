@@ -65,8 +65,9 @@ tokens and SASL data are never logged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import trio
 
@@ -84,6 +85,9 @@ if TYPE_CHECKING:
     from ..ports import LocalAccount, SmtpConnector
 
 log = logging.getLogger("mailgate.smtp")
+
+#: A command handler of :class:`SmtpSession` (see ``SmtpSession.HANDLERS``).
+Handler = Callable[["SmtpSession", Command], Awaitable[None]]
 
 RECEIVE_SIZE = 65536
 MECHANISMS = ("PLAIN", "LOGIN")
@@ -243,8 +247,7 @@ class SmtpSession:
         except smtp.CommandRejected as exc:
             await self.bad(exc.wire)
             return
-        handler = getattr(self, f"cmd_{command.name.lower()}")
-        await handler(command)
+        await self.HANDLERS[command.name](self, command)
 
     # ------------------------------------------------------------------ greeting, TLS
 
@@ -729,6 +732,27 @@ class SmtpSession:
                  extra={"fields": fields})
         self.ctx.events.publish({"type": "smtp.message", **fields})
         self.txn = _Transaction()
+
+    # ------------------------------------------------------------------ the command table
+
+    #: Every command :func:`~gateway.protocol.smtp.parse_command` lets through, with the section
+    #: of the RFC that defines it; which state allows which is the parser's table
+    #: (:data:`gateway.protocol.smtp.ALLOWED`).
+    HANDLERS: ClassVar[dict[str, Handler]] = {
+        "EHLO": cmd_ehlo,  # RFC 5321 §4.1.1.1
+        "HELO": cmd_helo,  # RFC 5321 §4.1.1.1
+        "STARTTLS": cmd_starttls,  # RFC 3207 §4
+        "AUTH": cmd_auth,  # RFC 4954 §4
+        "MAIL": cmd_mail,  # RFC 5321 §4.1.1.2 (SIZE: RFC 1870; BODY: RFC 6152; SMTPUTF8: RFC 6531)
+        "RCPT": cmd_rcpt,  # RFC 5321 §4.1.1.3
+        "DATA": cmd_data,  # RFC 5321 §4.1.1.4
+        "BDAT": cmd_bdat,  # RFC 3030 §2
+        "RSET": cmd_rset,  # RFC 5321 §4.1.1.5
+        "VRFY": cmd_vrfy,  # RFC 5321 §4.1.1.6 (answered 252: never verified)
+        "HELP": cmd_help,  # RFC 5321 §4.1.1.8
+        "NOOP": cmd_noop,  # RFC 5321 §4.1.1.9
+        "QUIT": cmd_quit,  # RFC 5321 §4.1.1.10
+    }
 
 
 def _min_size(a: str, b: str) -> str:

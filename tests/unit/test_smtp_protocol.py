@@ -339,3 +339,9 @@ def test_bare_lf_rule_matches_its_reference(body: bytes) -> None:
     end = (b"\r\n" + data).find(b"\r\n.\r\n")
     expected = BARE_LF_DOT.search(b"\r\n" + data, 0, end + 5) is not None
     assert done and (scanner.refusal == "bare_lf") == expected
+
+
+def test_the_session_has_one_handler_per_command_the_parser_lets_through() -> None:
+    from gateway.frontends.smtp_session import SmtpSession
+
+    assert set(SmtpSession.HANDLERS) == frozenset().union(*smtp.ALLOWED.values())
