@@ -423,9 +423,6 @@ class TrustedAddresses:
         self._put(user_key(user), digest, now, now)
         return digest, now
 
-    def forget(self, user: str) -> None:
-        self._users.pop(user_key(user), None)
-
     def _put(self, user: str, digest: bytes, seen: float, written: float) -> None:
         entries = self._users.setdefault(user, OrderedDict())
         entries[digest] = (seen, written)

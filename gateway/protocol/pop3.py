@@ -565,12 +565,3 @@ class MessageEncoder:
             stuffed = b"." + stuffed
         self._at_line_start = data.endswith(b"\n")
         return stuffed
-
-
-def pop3_size(chunks: Iterable[bytes]) -> int:
-    """The POP3 octet count of a whole message given as chunks (what LIST reports)."""
-    encoder = MessageEncoder()
-    for chunk in chunks:
-        encoder.feed(chunk)
-    encoder.finish()
-    return encoder.octets

@@ -246,9 +246,6 @@ class Command:
                 return value
         return None
 
-    def has_param(self, keyword: str) -> bool:
-        return any(key == keyword for key, _ in self.params)
-
 
 @dataclass(frozen=True)
 class Extensions:

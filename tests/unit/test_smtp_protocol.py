@@ -86,7 +86,7 @@ def test_bad_commands_get_their_codes(line: bytes, code: int) -> None:
 
 def test_utf8_address_with_smtputf8() -> None:
     cmd = parse_command("MAIL FROM:<jörg@bücher.example> SMTPUTF8".encode(), session(), EXT)
-    assert cmd.path == "jörg@bücher.example" and cmd.has_param("SMTPUTF8")
+    assert cmd.path == "jörg@bücher.example" and any(key == "SMTPUTF8" for key, _ in cmd.params)
 
 
 def test_rcpt_needs_a_domain_and_takes_no_parameters() -> None:
