@@ -33,20 +33,27 @@ StoreFactory = Callable[[], CredentialStore]
 @pytest.fixture(params=["sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
     """Opens stores on one shared place (as separate processes or instances would)."""
-    opened: list[CredentialStore] = []
+    opened: list[PgStore] = []
+    make: StoreFactory
     if request.param == "sqlite":
         def make() -> CredentialStore:
             return StateStore(tmp_path / "state")
     else:
-        url = request.getfixturevalue("pg_url")
-
-        def make() -> CredentialStore:
-            store = PgStore(url, max_connections=4, timeout=3)
-            opened.append(store)
-            return store
+        make = _pg_stores(request, opened)
     yield make
     for store in opened:
         store.close()
+
+
+def _pg_stores(request: pytest.FixtureRequest, opened: list[PgStore]) -> Callable[[], PgStore]:
+    """Opens PostgreSQL stores on the test's database, each one closed by the fixture."""
+    url = request.getfixturevalue("pg_url")
+
+    def make() -> PgStore:
+        store = PgStore(url, max_connections=4, timeout=3)
+        opened.append(store)
+        return store
+    return make
 
 
 def test_records_secrets_and_status_round_trip(make_store: StoreFactory) -> None:
@@ -234,16 +241,12 @@ def make_pop3_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
     """POP3 state stores on one shared place: the files of ``state_dir/pop3/`` without
     ``[store] url``, the PostgreSQL store with it."""
     opened: list[PgStore] = []
+    make: Callable[[], Pop3StateStore]
     if request.param == "files":
         def make() -> Pop3StateStore:
             return Pop3StateFiles(tmp_path / "pop3")
     else:
-        url = request.getfixturevalue("pg_url")
-
-        def make() -> Pop3StateStore:
-            store = PgStore(url, max_connections=4, timeout=3)
-            opened.append(store)
-            return store
+        make = _pg_stores(request, opened)
     yield make
     for store in opened:
         store.close()
